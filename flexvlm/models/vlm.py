@@ -1,0 +1,220 @@
+"""The VLM: dual-path vision encoder + projector + LLaMA-family decoder, in one of four modes.
+
+| mode      | what reaches the decoder                                               | paper name      |
+|-----------|------------------------------------------------------------------------|-----------------|
+| `lr_only` | the g x g low-res tokens in the sequence                               | LLaVA-1.5       |
+| `hd`      | all G x G high-res tokens in the sequence, as ordinary tokens          | LLaVA-HD        |
+| `xattn`   | low-res tokens in the sequence; layers >= N_SA attend to ALL HR tokens | LLaVA-XAttn     |
+| `flex`    | low-res tokens in the sequence; layers >= N_SA attend to selected HR   | LLaVA-FlexAttn  |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from flexvlm.models.encoder import DualPathEncoder
+from flexvlm.models.flex_attention import FlexAttention, HighResState, interpolate_rope, pack_rows
+from flexvlm.models.llm import KVCache, LanguageModel, LlamaConfig, RowProbe
+from flexvlm.models.projector import build_projector
+from flexvlm.models.vision import VisionBackbone
+from flexvlm.selection import SelectionStrategy, build_selection, valid_grid
+
+MODES = ("lr_only", "hd", "xattn", "flex")
+
+
+@dataclass
+class MultimodalInputs:
+    """A batch after the image tokens were spliced into the text sequence."""
+
+    embeds: Tensor  # (B, N, D)
+    attention_mask: Tensor  # (B, N) long
+    labels: Tensor | None  # (B, N) with IGNORE_INDEX outside the answers
+    image_start: Tensor  # (B,) position of the first image token
+    lr_features: Tensor | None  # (B, g*g, C) vision tokens before the projector
+    hr_features: Tensor | None  # (B, G*G, C)
+    high_res: HighResState | None = None
+
+
+@dataclass
+class VLMOutput:
+    logits: Tensor
+    loss: Tensor | None
+    lr_features: Tensor | None
+    hr_features: Tensor | None
+    selected_fraction: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> fraction of HR tokens
+    selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, G, G)
+
+
+class FlexVLM(nn.Module):
+    """Assembled from swappable parts; every part is a constructor argument, so a YAML names it."""
+
+    def __init__(
+        self,
+        backbone: VisionBackbone,
+        llm: str = "tiny",
+        llm_overrides: dict | None = None,
+        mode: str = "flex",
+        num_sa_layers: int | None = None,
+        selection: SelectionStrategy | str = "attention",
+        projector: str = "mlp2x_gelu",
+        zoom: int = 3,
+        high_res_path: str = "crops",
+        high_res_grad: bool = False,
+    ) -> None:
+        """``llm`` names a preset of ``LlamaConfig`` and ``llm_overrides`` changes its fields.
+        ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
+        (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends)."""
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
+        self.mode = mode
+        self.config = LlamaConfig.from_name(llm, **(llm_overrides or {}))
+        self.encoder = DualPathEncoder(backbone, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad)
+        self.projector = build_projector(projector, backbone.embed_dim, self.config.hidden_size)
+        self.llm = LanguageModel(self.config)
+        num_layers = self.config.num_layers
+        if num_sa_layers is None:
+            num_sa_layers = 0 if mode == "xattn" else max(1, round(num_layers * 9 / 32))
+        min_sa = 1 if mode == "flex" else 0  # flex needs one plain layer whose map seeds the selection
+        if not min_sa <= num_sa_layers <= num_layers:
+            raise ValueError(f"num_sa_layers must be in [{min_sa}, {num_layers}] for mode {mode!r}, got {num_sa_layers}")
+        self.num_sa_layers = num_sa_layers
+        self.selection = build_selection(selection) if mode == "flex" else None
+        if self.uses_high_res_attention:
+            for layer in self.llm.layers[num_sa_layers:]:
+                layer.self_attn = FlexAttention.from_attention(layer.self_attn, self.config)
+
+    @property
+    def uses_high_res_attention(self) -> bool:
+        return self.mode in ("xattn", "flex")
+
+    @property
+    def flex_layers(self) -> list[int]:
+        return list(range(self.num_sa_layers, self.config.num_layers)) if self.uses_high_res_attention else []
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.high_res_size
+
+    def init_high_res_projections(self) -> None:
+        """W_K' <- W_K and W_V' <- W_V in every FA layer, e.g. after loading pre-trained weights."""
+        for i in self.flex_layers:
+            self.llm.layers[i].self_attn.init_high_res_projections()
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def prepare(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor,
+        content_box: Tensor | None = None,
+        labels: Tensor | None = None,
+        alpha: float = 1.0,
+    ) -> MultimodalInputs:
+        """Encode the images and splice their tokens in place of each row's single ``<image>`` id."""
+        lr_features = self.encoder.encode_low_res(images) if self.mode != "hd" else None
+        hr_features = self.encoder.encode_high_res(images) if self.mode != "lr_only" else None
+        in_sequence = self.projector(hr_features if self.mode == "hd" else lr_features)
+        embeds, mask, labels, image_start = self._splice(input_ids, attention_mask, labels, in_sequence)
+        inputs = MultimodalInputs(embeds, mask, labels, image_start, lr_features, hr_features)
+        if self.uses_high_res_attention:
+            if content_box is None:
+                content_box = images.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(images.shape[0], 4)
+            inputs.high_res = self._high_res_state(inputs, self.projector(hr_features), content_box, alpha)
+        return inputs
+
+    def _splice(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None, image_embeds: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        counts = is_image.sum(-1)
+        if not bool((counts == 1).all()):
+            raise ValueError(f"every row needs exactly one image placeholder ({IMAGE_TOKEN_INDEX}); "
+                             f"counts per row: {counts.tolist()}")
+        b, t = input_ids.shape
+        n_img = image_embeds.shape[1]
+        image_start = is_image.long().argmax(-1)
+        text_embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
+        # text token j goes to j (before the image) or j + n_img - 1 (after it)
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        target = positions + (positions > image_start[:, None]) * (n_img - 1)
+        n = t - 1 + n_img
+        keep = ~is_image
+        bi = torch.arange(b, device=input_ids.device)[:, None].expand(b, t)[keep]
+        ti = target[keep]
+        image_pos = image_start[:, None] + torch.arange(n_img, device=input_ids.device)
+        bi_img = torch.arange(b, device=input_ids.device)[:, None].expand(b, n_img)
+
+        embeds = text_embeds.new_zeros(b, n, text_embeds.shape[-1])
+        embeds = embeds.index_put((bi, ti), text_embeds[keep]).index_put((bi_img, image_pos), image_embeds.to(embeds.dtype))
+        mask = attention_mask.new_ones(b, n).index_put((bi, ti), attention_mask[keep])
+        if labels is not None:
+            labels = labels.new_full((b, n), IGNORE_INDEX).index_put((bi, ti), labels[keep])
+        return embeds, mask, labels, image_start
+
+    def _high_res_state(
+        self, inputs: MultimodalInputs, hr_tokens: Tensor, content_box: Tensor, alpha: float
+    ) -> HighResState:
+        g, hr_grid = self.encoder.lr_grid, self.encoder.hr_grid
+        b, n = inputs.attention_mask.shape
+        lr_index = inputs.image_start[:, None] + torch.arange(g * g, device=hr_tokens.device)
+        positions = self.llm.position_ids(inputs.attention_mask, b, n, 0, hr_tokens.device)
+        cos, sin = self.llm.rope(positions.gather(1, lr_index), hr_tokens.dtype)
+        hr_cos, hr_sin = interpolate_rope(cos, sin, g, hr_grid)
+        return HighResState(
+            hr_tokens, hr_cos, hr_sin, lr_index, valid_grid(content_box, g), valid_grid(content_box, hr_grid),
+            self.selection, dense=self.mode == "xattn", alpha=alpha,
+        )
+
+    def probe_for(self, state: HighResState | None, row_mask: Tensor) -> RowProbe | None:
+        """The row probe of flex mode: the rows in ``row_mask`` select; layers N_SA-1 .. L-2 select
+        for the layer after them."""
+        if state is None or state.dense:
+            return None
+        rows, valid = pack_rows(row_mask)
+        return state.probe(rows, valid, frozenset(range(self.num_sa_layers - 1, self.config.num_layers - 1)))
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor,
+        content_box: Tensor | None = None,
+        labels: Tensor | None = None,
+        alpha: float = 1.0,
+    ) -> VLMOutput:
+        """Teacher-forced pass. With ``labels`` the loss covers the answer tokens and every row that
+        predicts one selects its own HR tokens; without, the last row of each sample selects."""
+        inputs = self.prepare(input_ids, attention_mask, images, content_box, labels, alpha)
+        if inputs.labels is not None:
+            row_mask = F.pad(inputs.labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+        else:
+            row_mask = torch.zeros_like(inputs.attention_mask, dtype=torch.bool)
+            row_mask[:, -1] = True
+        probe = self.probe_for(inputs.high_res, row_mask)
+        hidden = self.llm(inputs.embeds, inputs.attention_mask, probe=probe, high_res=inputs.high_res)
+        logits = self.llm.logits(hidden)
+        loss = None
+        if inputs.labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        state = inputs.high_res
+        return VLMOutput(
+            logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
+            selected_fraction=dict(state.selected_fraction) if state else {},
+            selection_masks=dict(state.masks) if state else {},
+        )
+
+    def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResState | None) -> Tensor:
+        """One cached decoding step (or a prefill): the last row of each sample selects. -> logits."""
+        row_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        row_mask[:, -1] = True
+        probe = self.probe_for(high_res, row_mask)
+        hidden = self.llm(embeds, attention_mask, cache=cache, probe=probe, high_res=high_res)
+        return self.llm.logits(hidden[:, -1:])

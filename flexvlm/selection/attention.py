@@ -1,0 +1,34 @@
+"""Selection from the query row's own attention over the low-res image (the paper's method)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexvlm.selection.base import SELECTION, BlockSelection, Budget, SelectionContext
+
+
+@SELECTION.register("attention")
+class AttentionSelection(BlockSelection):
+    """The release's rule by default: zero the padding border, min-max normalise each row's map,
+    max-pool to the block grid, keep blocks with ``map * 255 > threshold`` (48 in the released
+    checkpoint). With ``ratio`` or ``top_k`` instead, keep a fixed budget of the highest blocks."""
+
+    def __init__(self, threshold: float | None = 48.0, ratio: float | None = None, top_k: int | None = None,
+                 block_grid: int | None = None) -> None:
+        super().__init__(block_grid)
+        self.budget = Budget(ratio, top_k) if ratio is not None or top_k is not None else None
+        if self.budget is None and threshold is None:
+            raise ValueError("give a threshold, a ratio or a top_k")
+        self.threshold = None if self.budget is not None else threshold
+
+    def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
+        scores = attn_map * ctx.lr_valid.unsqueeze(1)
+        low = scores.amin(dim=(-1, -2), keepdim=True)
+        high = scores.amax(dim=(-1, -2), keepdim=True)
+        scores = (scores - low) / (high - low).clamp(min=1e-12)
+        b, r, g, _ = scores.shape
+        pooled = F.adaptive_max_pool2d(scores.view(b * r, g, g), self.blocks(ctx)).view(b, r, *block_valid.shape[-2:])
+        if self.budget is not None:
+            return self.budget.keep_best(pooled, block_valid)
+        return pooled * 255 > self.threshold

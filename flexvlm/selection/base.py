@@ -1,0 +1,114 @@
+"""The selection interface: which high-res tokens each selecting query row attends to.
+
+A strategy is called once per FlexAttention layer with the attention map that the previous layer's
+query rows spread over the low-res image tokens, and returns a boolean mask over the high-res grid
+for each of those rows. Strategies that do not look at the map (random, center) simply ignore it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexvlm.registry import Registry
+
+SELECTION: Registry["SelectionStrategy"] = Registry("selection strategy", group="flexvlm.selection")
+
+
+@dataclass
+class SelectionContext:
+    lr_grid: int  # g: the low-res image is g x g tokens
+    hr_grid: int  # G = zoom * g: the high-res image is G x G tokens
+    lr_valid: Tensor  # (B, g, g) bool: cell shows the image, not the square-padding border
+    hr_valid: Tensor  # (B, G, G) bool: the same on the high-res grid
+    layer: int  # index of the decoder layer the selection is for
+
+
+class SelectionStrategy(ABC):
+    """Subclass, implement ``select``, and name the class in a config (``class_path``), or register
+    it under a short name with ``@SELECTION.register("name")`` / the ``flexvlm.selection`` entry point."""
+
+    @abstractmethod
+    def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
+        """attn_map: (B, R, g, g) head-summed post-softmax attention of R query rows per sample over
+        the low-res image tokens (detached). Returns (B, R, G, G) bool: the high-res tokens each row
+        attends to."""
+
+    def __call__(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
+        mask = self.select(attn_map, ctx)
+        expected = (*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid)
+        if mask.shape != expected or mask.dtype != torch.bool:
+            raise ValueError(f"{type(self).__name__}.select returned {tuple(mask.shape)} {mask.dtype}, "
+                             f"expected {expected} torch.bool")
+        return mask & ctx.hr_valid.unsqueeze(1)
+
+
+class BlockSelection(SelectionStrategy):
+    """Selection in square blocks of high-res tokens, as the release does: decide on a b x b block
+    grid, then expand each block to its high-res tokens (nearest neighbour). ``block_grid=None``
+    uses the low-res grid, so one block is the zoom x zoom high-res tokens under one low-res token."""
+
+    def __init__(self, block_grid: int | None = None) -> None:
+        if block_grid is not None and block_grid < 1:
+            raise ValueError(f"block_grid must be >= 1, got {block_grid}")
+        self.block_grid = block_grid
+
+    def blocks(self, ctx: SelectionContext) -> int:
+        return self.block_grid or ctx.lr_grid
+
+    def block_valid(self, ctx: SelectionContext) -> Tensor:
+        """(B, b, b) bool: blocks that hold at least one high-res token of the image."""
+        return F.adaptive_max_pool2d(ctx.hr_valid.float(), self.blocks(ctx)) > 0
+
+    @abstractmethod
+    def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
+        """(B, R, b, b) bool block mask."""
+
+    def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
+        block_valid = self.block_valid(ctx)
+        blocks = self.select_blocks(attn_map, block_valid, ctx) & block_valid.unsqueeze(1)
+        b, r = blocks.shape[:2]
+        hr = F.interpolate(blocks.flatten(0, 1).unsqueeze(1).float(), size=(ctx.hr_grid, ctx.hr_grid), mode="nearest")
+        return hr.view(b, r, ctx.hr_grid, ctx.hr_grid) > 0
+
+
+class Budget:
+    """A fixed budget in blocks: ``top_k`` blocks, or ``ratio`` of the image's blocks (at least one)."""
+
+    def __init__(self, ratio: float | None = None, top_k: int | None = None) -> None:
+        if (ratio is None) == (top_k is None):
+            raise ValueError(f"give exactly one of ratio and top_k (got ratio={ratio}, top_k={top_k})")
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.ratio, self.top_k = ratio, top_k
+
+    def count(self, block_valid: Tensor) -> Tensor:
+        """(B,) number of blocks to keep per sample."""
+        available = block_valid.flatten(1).sum(-1)
+        if self.top_k is not None:
+            return available.clamp(max=self.top_k)
+        return (available.float() * self.ratio).round().long().clamp(min=1)
+
+    def keep_best(self, scores: Tensor, block_valid: Tensor) -> Tensor:
+        """(B, R, b, b) scores -> bool mask of each row's best ``count`` valid blocks."""
+        flat = scores.flatten(2).masked_fill(~block_valid.flatten(1).unsqueeze(1), float("-inf"))
+        rank = flat.argsort(-1, descending=True).argsort(-1)
+        keep = rank < self.count(block_valid)[:, None, None]
+        return keep.view_as(scores)
+
+
+def valid_grid(content_box: Tensor, grid: int) -> Tensor:
+    """(B, 4) content boxes (top, left, bottom, right as fractions of the padded square) -> (B, grid,
+    grid) bool. The margin rule: a row / column of cells counts as border when its centre lies in
+    the padding, so a cell that is mostly image stays selectable."""
+    centres = (torch.arange(grid, device=content_box.device, dtype=content_box.dtype) + 0.5) / grid
+    top, left, bottom, right = (content_box[:, i, None] for i in range(4))
+    rows = (centres >= top) & (centres < bottom)
+    cols = (centres >= left) & (centres < right)
+    return rows.unsqueeze(-1) & cols.unsqueeze(-2)

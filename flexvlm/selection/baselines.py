@@ -1,0 +1,67 @@
+"""The paper's ablation baselines (random, center) and the two limits (all, none)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flexvlm.selection.base import SELECTION, BlockSelection, Budget, SelectionContext, SelectionStrategy
+
+
+@SELECTION.register("random")
+class RandomSelection(BlockSelection):
+    """``ratio`` / ``top_k`` blocks drawn uniformly among the image's blocks, independently per row.
+    The draws come from the strategy's own generator, so a seed makes them repeatable."""
+
+    def __init__(self, ratio: float | None = 0.1, top_k: int | None = None, block_grid: int | None = None,
+                 seed: int | None = None) -> None:
+        super().__init__(block_grid)
+        self.budget = Budget(None if top_k is not None else ratio, top_k)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
+        b = self.blocks(ctx)
+        scores = torch.rand((*attn_map.shape[:2], b, b), generator=self.generator).to(attn_map.device)
+        return self.budget.keep_best(scores, block_valid)
+
+
+@SELECTION.register("center")
+class CenterSelection(BlockSelection):
+    """The ``ratio`` / ``top_k`` blocks closest to the centre of the image (padding excluded)."""
+
+    def __init__(self, ratio: float | None = 0.1, top_k: int | None = None, block_grid: int | None = None) -> None:
+        super().__init__(block_grid)
+        self.budget = Budget(None if top_k is not None else ratio, top_k)
+
+    def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
+        b = self.blocks(ctx)
+        coords = torch.arange(b, device=attn_map.device, dtype=torch.float32) + 0.5
+        weights = block_valid.float()
+        total = weights.sum(dim=(-1, -2)).clamp(min=1)
+        cy = (weights.sum(-1) * coords).sum(-1) / total  # centre of the valid blocks, per sample
+        cx = (weights.sum(-2) * coords).sum(-1) / total
+        dist = (coords.view(1, b, 1) - cy.view(-1, 1, 1)) ** 2 + (coords.view(1, 1, b) - cx.view(-1, 1, 1)) ** 2
+        # a tiny row-major tie-break keeps the choice deterministic among equidistant blocks
+        tie = torch.arange(b * b, device=dist.device).view(b, b) * 1e-6
+        scores = -(dist + tie).unsqueeze(1).expand(-1, attn_map.shape[1], -1, -1)
+        return self.budget.keep_best(scores, block_valid)
+
+
+@SELECTION.register("all")
+class AllSelection(SelectionStrategy):
+    """Every high-res token of the image (the upper limit)."""
+
+    def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
+        return ctx.hr_valid.unsqueeze(1).expand(-1, attn_map.shape[1], -1, -1)
+
+
+@SELECTION.register("none")
+class NoSelection(SelectionStrategy):
+    """No high-res token: FlexAttention layers reduce to plain self-attention."""
+
+    def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
+        return torch.zeros(*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid, dtype=torch.bool, device=attn_map.device)

@@ -1,0 +1,159 @@
+"""Selection strategies against hand-computed cases and a naive version of the release's rule."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from flexvlm.registry import Registry
+from flexvlm.selection import (
+    SELECTION, AllSelection, AttentionSelection, CenterSelection, NoSelection, RandomSelection, SelectionContext,
+    SelectionStrategy, build_selection, valid_grid,
+)
+
+
+def _ctx(b=2, g=4, zoom=3, box=None, layer=1):
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b) if box is None else box
+    return SelectionContext(g, g * zoom, valid_grid(box, g), valid_grid(box, g * zoom), layer)
+
+
+def naive_release_rule(attn_map, lr_valid, threshold, blocks, hr_grid):
+    """Loops: zero border, min-max, binarise, max-pool to blocks, nearest up to the HR grid."""
+    g = attn_map.shape[-1]
+    m = attn_map * lr_valid
+    m = (m - m.min()) / (m.max() - m.min())
+    binary = m * 255 > threshold
+    out = torch.zeros(hr_grid, hr_grid, dtype=torch.bool)
+    for bi in range(blocks):
+        for bj in range(blocks):
+            # adaptive max pool cell bounds
+            r0, r1 = (bi * g) // blocks, -((-(bi + 1) * g) // blocks)
+            c0, c1 = (bj * g) // blocks, -((-(bj + 1) * g) // blocks)
+            if binary[r0:r1, c0:c1].any():
+                for r in range(hr_grid):
+                    for c in range(hr_grid):
+                        if (r * blocks) // hr_grid == bi and (c * blocks) // hr_grid == bj:
+                            out[r, c] = True
+    return out
+
+
+@pytest.mark.parametrize("g,zoom,blocks", [(4, 3, None), (6, 3, 3), (24, 3, 9)])
+def test_attention_threshold_matches_naive_release_rule(g, zoom, blocks):
+    torch.manual_seed(g)
+    attn = torch.rand(2, 3, g, g) ** 4
+    ctx = _ctx(b=2, g=g, zoom=zoom)
+    got = AttentionSelection(threshold=48, block_grid=blocks)(attn, ctx)
+    for b in range(2):
+        for r in range(3):
+            ref = naive_release_rule(attn[b, r], ctx.lr_valid[b], 48, blocks or g, g * zoom)
+            assert torch.equal(got[b, r], ref)
+
+
+def test_ratio_and_top_k_budgets_and_block_structure():
+    torch.manual_seed(0)
+    attn = torch.rand(2, 5, 4, 4)
+    ctx = _ctx()
+    by_ratio = AttentionSelection(ratio=0.25)(attn, ctx)  # 16 blocks of 3 x 3 HR tokens -> 4 blocks
+    assert (by_ratio.flatten(2).sum(-1) == 4 * 9).all()
+    by_k = AttentionSelection(top_k=2)(attn, ctx)
+    assert (by_k.flatten(2).sum(-1) == 2 * 9).all()
+    # the two kept blocks are the two largest attention cells
+    best = attn.flatten(2).topk(2).indices
+    for b in range(2):
+        for r in range(5):
+            for cell in best[b, r].tolist():
+                assert by_k[b, r, 3 * (cell // 4), 3 * (cell % 4)]
+    # block structure: every 3 x 3 block is all-or-nothing
+    blocks = by_ratio.view(2, 5, 4, 3, 4, 3).float()
+    assert torch.equal(blocks.amax(dim=(3, 5)), blocks.amin(dim=(3, 5)))
+
+
+def test_random_is_seeded_and_has_the_budget():
+    attn = torch.zeros(2, 4, 4, 4)
+    a = RandomSelection(ratio=0.25, seed=7)(attn, _ctx())
+    b = RandomSelection(ratio=0.25, seed=7)(attn, _ctx())
+    c = RandomSelection(ratio=0.25, seed=8)(attn, _ctx())
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a.flatten(2).sum(-1) == 36).all()
+    # rows draw independently
+    assert not all(torch.equal(a[0, 0], a[0, r]) for r in range(1, 4))
+
+
+def test_center_picks_the_central_blocks():
+    attn = torch.zeros(1, 1, 4, 4)
+    mask = CenterSelection(top_k=4)(attn, _ctx(b=1))
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    expected[3:9, 3:9] = True
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_margin_rule_excludes_padding_border():
+    # a wide image padded top and bottom: content rows 0.25 .. 0.75 of the square
+    box = torch.tensor([[0.25, 0.0, 0.75, 1.0]])
+    ctx = _ctx(b=1, box=box)
+    assert ctx.lr_valid[0].all(-1).tolist() == [False, True, True, False]
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 0, 0] = 1.0  # all attention on a border cell: it must not win
+    attn[0, 0, 1, 2] = 0.5
+    mask = AttentionSelection(top_k=1)(attn, ctx)
+    assert mask[0, 0, 3:6, 6:9].all() and mask.sum() == 9
+    for strategy in (RandomSelection(top_k=3, seed=0), CenterSelection(top_k=3), AllSelection()):
+        sel = strategy(attn, ctx)
+        assert not sel[0, 0, :3].any() and not sel[0, 0, 9:].any()
+    assert AllSelection()(attn, ctx).sum() == 6 * 12
+    assert NoSelection()(attn, ctx).sum() == 0
+
+
+def test_invalid_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="exactly one"):
+        AttentionSelection(ratio=0.1, top_k=3)
+    with pytest.raises(ValueError, match="ratio"):
+        RandomSelection(ratio=1.5)
+    with pytest.raises(ValueError, match="valid names: .*attention.*center"):
+        build_selection("atention")
+
+
+class EveryOtherRow(SelectionStrategy):
+    """A strategy defined outside the package: the first high-res row of tokens."""
+
+    def select(self, attn_map, ctx):
+        mask = torch.zeros(*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid, dtype=torch.bool)
+        mask[..., 0, :] = True
+        return mask
+
+
+def test_plugin_instance_and_bad_plugin_output():
+    assert build_selection(EveryOtherRow()).select(torch.zeros(1, 1, 4, 4), _ctx(b=1)).sum() == 12
+
+    class Broken(SelectionStrategy):
+        def select(self, attn_map, ctx):
+            return torch.zeros(3, 3)
+
+    with pytest.raises(ValueError, match="expected"):
+        Broken()(torch.zeros(1, 1, 4, 4), _ctx(b=1))
+
+
+def test_plugin_through_entry_point(tmp_path, monkeypatch):
+    pkg = tmp_path / "my_plugin.py"
+    pkg.write_text(textwrap.dedent("""
+        import torch
+        from flexvlm.selection import SelectionStrategy
+
+        class Corner(SelectionStrategy):
+            def select(self, attn_map, ctx):
+                mask = torch.zeros(*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid, dtype=torch.bool)
+                mask[..., 0, 0] = True
+                return mask
+    """))
+    dist = tmp_path / "my_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[flexvlm.selection]\ncorner = my_plugin:Corner\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry("selection strategy", group="flexvlm.selection")
+    assert "corner" in registry.names()
+    mask = registry.get("corner")()(torch.zeros(1, 1, 4, 4), _ctx(b=1))
+    assert mask.sum() == 1 and mask[0, 0, 0, 0]
+    assert set(SELECTION.names()) >= {"attention", "random", "center", "all", "none"}
+    sys.modules.pop("my_plugin", None)

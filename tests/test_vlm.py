@@ -1,0 +1,104 @@
+"""The assembled VLM in its four modes."""
+
+import pytest
+import torch
+
+from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from flexvlm.models.flex_attention import FlexAttention
+from flexvlm.models.vision import PatchMLPBackbone
+from flexvlm.models.vlm import FlexVLM
+from flexvlm.selection import AllSelection, AttentionSelection
+
+LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4)
+
+
+def _model(mode, **kwargs):
+    torch.manual_seed(0)
+    backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
+    kwargs.setdefault("num_sa_layers", 1 if mode != "xattn" else 0)
+    return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, **kwargs)
+
+
+def _batch(b=2):
+    torch.manual_seed(1)
+    ids = torch.tensor([[IMAGE_TOKEN_INDEX, 5, 6, 7, 2], [4, IMAGE_TOKEN_INDEX, 8, 9, 2]])[:b]
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 3:] = ids[:, 3:]  # the last two tokens are the answer
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), images=torch.randn(b, 3, 96, 96), labels=labels)
+
+
+@pytest.mark.parametrize("mode,n_img", [("lr_only", 16), ("hd", 144), ("xattn", 16), ("flex", 16)])
+def test_modes_forward(mode, n_img):
+    model = _model(mode)
+    out = model(**_batch())
+    assert out.logits.shape == (2, 5 - 1 + n_img, LLM["vocab_size"])
+    assert torch.isfinite(out.loss)
+    fa_layers = [i for i, layer in enumerate(model.llm.layers) if isinstance(layer.self_attn, FlexAttention)]
+    assert fa_layers == model.flex_layers
+    if mode == "flex":
+        assert set(out.selected_fraction) == {1, 2}
+        assert all(0 < float(f) <= 1 for f in out.selected_fraction.values())
+
+
+def test_splice_places_image_tokens_and_masks_labels():
+    model = _model("lr_only")
+    batch = _batch()
+    inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["images"], labels=batch["labels"])
+    assert inputs.image_start.tolist() == [0, 1]
+    lr = model.projector(model.encoder.encode_low_res(batch["images"]))
+    assert torch.equal(inputs.embeds[0, :16], lr[0]) and torch.equal(inputs.embeds[1, 1:17], lr[1])
+    assert torch.equal(inputs.embeds[1, 0], model.llm.embed(torch.tensor(4)))
+    assert torch.equal(inputs.embeds[1, 17], model.llm.embed(torch.tensor(8)))
+    assert inputs.labels[0].tolist() == [IGNORE_INDEX] * 18 + [7, 2]
+    with pytest.raises(ValueError, match="exactly one image placeholder"):
+        model.prepare(torch.tensor([[5, 6]]), torch.ones(1, 2), batch["images"][:1])
+
+
+def test_gradients_reach_every_trainable_parameter_in_flex_mode():
+    model = _model("flex", high_res_grad=True)
+    model(**_batch()).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing
+
+
+def test_flex_with_all_selected_equals_xattn_for_the_last_row():
+    """With one FA layer, xattn (every row sees every HR token) and flex with every HR token selected
+    by the last row give the same last-row logits: two code paths, one formula."""
+    xattn = _model("xattn", num_sa_layers=2)
+    flex = _model("flex", num_sa_layers=2, selection=AllSelection())
+    flex.load_state_dict(xattn.state_dict())
+    batch = _batch()
+    del batch["labels"]
+    with torch.no_grad():
+        a = xattn(**batch).logits[:, -1]
+        b = flex(**batch).logits[:, -1]
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_batched_right_padding_matches_single_samples():
+    model = _model("flex", selection=AttentionSelection(top_k=2))
+    batch = _batch()
+    batch["input_ids"] = torch.cat((batch["input_ids"], torch.zeros(2, 2, dtype=torch.long)), dim=1)
+    batch["attention_mask"] = torch.cat((batch["attention_mask"], torch.zeros(2, 2, dtype=torch.long)), dim=1)
+    batch["labels"] = torch.cat((batch["labels"], torch.full((2, 2), IGNORE_INDEX)), dim=1)
+    with torch.no_grad():
+        together = model(**batch)
+        for i in range(2):
+            single = {k: v[i : i + 1, :5] if k != "images" else v[i : i + 1] for k, v in _batch().items()}
+            alone = model(**single)
+            assert (together.logits[i, : alone.logits.shape[1]] - alone.logits[0]).abs().max() < 1e-5
+
+
+def test_mode_and_placement_errors():
+    with pytest.raises(ValueError, match="valid modes"):
+        _model("flexi")
+    with pytest.raises(ValueError, match="num_sa_layers"):
+        _model("flex", num_sa_layers=0)
+
+
+def test_high_res_projections_start_as_copies():
+    model = _model("flex")
+    for i in model.flex_layers:
+        attn = model.llm.layers[i].self_attn
+        assert torch.equal(attn.k_hr_proj.weight, attn.k_proj.weight)
+        assert torch.equal(attn.v_hr_proj.weight, attn.v_proj.weight)
