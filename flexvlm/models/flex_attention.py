@@ -84,7 +84,7 @@ class HighResState:
         self.rows_valid: Tensor | None = None
         self.selection: tuple[Tensor, Tensor] | None = None  # (B, R, K) indices, (B, R, K) valid
         self.masks: dict[int, Tensor] = {}  # layer -> (B, R, G, G) selection masks of the last step
-        self.selected_fraction: dict[int, Tensor] = {}  # layer -> mean fraction of the image's HR tokens
+        self.row_fractions: dict[int, Tensor] = {}  # layer -> (B, R) fraction of the image's HR tokens
         self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def probe(self, rows: Tensor, valid: Tensor, layers: frozenset[int]) -> RowProbe:
@@ -109,8 +109,17 @@ class HighResState:
         self.selection = (idx, valid)
         self.masks[layer_idx] = mask
         available = self.hr_valid.flatten(1).sum(-1).clamp(min=1).unsqueeze(-1)
-        fraction = (valid.sum(-1) / available)[self.rows_valid]
-        self.selected_fraction[layer_idx] = fraction.mean() if fraction.numel() else fraction.new_zeros(())
+        self.row_fractions[layer_idx] = valid.sum(-1) / available
+
+    @property
+    def selected_fraction(self) -> dict[int, Tensor]:
+        """FA layer -> mean fraction of the image's HR tokens over the real selecting rows."""
+        return {layer: f[self.rows_valid].mean() for layer, f in self.row_fractions.items() if self.rows_valid.any()}
+
+    def sample_fraction(self) -> Tensor:
+        """(B,) mean fraction of HR tokens each sample's selecting rows used, over FA layers."""
+        per_layer = torch.stack([(f * self.rows_valid).sum(-1) for f in self.row_fractions.values()])
+        return per_layer.mean(0) / self.rows_valid.sum(-1).clamp(min=1)
 
     def projected_kv(self, attn: "FlexAttention", needed: Tensor) -> tuple[Tensor, Tensor]:
         """(B, M, kv_heads, d) HR keys (with RoPE) and values of ``attn``'s layer; only the ``needed``

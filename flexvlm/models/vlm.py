@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexvlm.checkpoints import PretrainedWeights
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.encoder import DualPathEncoder
 from flexvlm.models.flex_attention import FlexAttention, HighResState, interpolate_rope, pack_rows
@@ -48,6 +49,7 @@ class VLMOutput:
     hr_features: Tensor | None
     selected_fraction: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> fraction of HR tokens
     selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, G, G)
+    sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
 
 
 class FlexVLM(nn.Module):
@@ -65,10 +67,12 @@ class FlexVLM(nn.Module):
         zoom: int = 3,
         high_res_path: str = "crops",
         high_res_grad: bool = False,
+        pretrained: PretrainedWeights | None = None,
     ) -> None:
         """``llm`` names a preset of ``LlamaConfig`` and ``llm_overrides`` changes its fields.
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
-        (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends)."""
+        (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends).
+        ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' then copy them)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
@@ -88,6 +92,8 @@ class FlexVLM(nn.Module):
         if self.uses_high_res_attention:
             for layer in self.llm.layers[num_sa_layers:]:
                 layer.self_attn = FlexAttention.from_attention(layer.self_attn, self.config)
+        if pretrained is not None:
+            pretrained.apply(self)
 
     @property
     def uses_high_res_attention(self) -> bool:
@@ -188,15 +194,17 @@ class FlexVLM(nn.Module):
         content_box: Tensor | None = None,
         labels: Tensor | None = None,
         alpha: float = 1.0,
+        select_last: int = 1,
     ) -> VLMOutput:
         """Teacher-forced pass. With ``labels`` the loss covers the answer tokens and every row that
-        predicts one selects its own HR tokens; without, the last row of each sample selects."""
+        predicts one selects its own HR tokens; without, the last ``select_last`` rows select (what
+        cached generation does: the last prompt row, then each generated token's row)."""
         inputs = self.prepare(input_ids, attention_mask, images, content_box, labels, alpha)
         if inputs.labels is not None:
             row_mask = F.pad(inputs.labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
         else:
             row_mask = torch.zeros_like(inputs.attention_mask, dtype=torch.bool)
-            row_mask[:, -1] = True
+            row_mask[:, -select_last:] = True
         probe = self.probe_for(inputs.high_res, row_mask)
         hidden = self.llm(inputs.embeds, inputs.attention_mask, probe=probe, high_res=inputs.high_res)
         logits = self.llm.logits(hidden)
@@ -209,6 +217,7 @@ class FlexVLM(nn.Module):
             logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
             selected_fraction=dict(state.selected_fraction) if state else {},
             selection_masks=dict(state.masks) if state else {},
+            sample_fraction=state.sample_fraction() if state and state.row_fractions else None,
         )
 
     def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResState | None) -> Tensor:

@@ -1,0 +1,384 @@
+"""Pre-trained weights from local files: LLaVA-1.5, LLaMA / Vicuna and CLIP vision towers.
+
+Each family has a plain rename function (litgpt style) from its checkpoint's tensor names to
+flexvlm's. The layout is told from the files (tensor names, `config.json`), never from a folder
+name, and nothing is ever downloaded. A folder holds `model.safetensors`, `pytorch_model.bin` or
+either sharded with an `*.index.json`; pickled files are read with `weights_only=True`.
+
+Every load is strict: a missing, unexpected or mis-shaped tensor is a ValueError that lists the
+names and shapes, and `config.json` settings that no shape reveals (RMSNorm eps, RoPE, the CLIP
+activation, the LLaVA feature layer) are checked against the model that receives the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from open_clip.transformer import QuickGELU
+from torch import Tensor, nn
+
+from flexvlm.models.llm import LanguageModel, LlamaConfig
+from flexvlm.models.vision import OpenClipBackbone, VisionBackbone, load_state_dict_strict, read_state_dict
+
+if TYPE_CHECKING:
+    from flexvlm.models.vlm import FlexVLM
+
+__all__ = [
+    "PretrainedWeights",
+    "read_checkpoint",
+    "read_config",
+    "llama_from_hf",
+    "clip_vision_from_hf",
+    "clip_vision_from_open_clip",
+    "load_llama_weights",
+    "load_clip_vision",
+    "load_projector",
+    "load_llava",
+]
+
+StateDict = dict[str, Tensor]
+
+# in the order transformers prefers them
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> StateDict:
+    """All tensors of a weights file, or of a HF-style folder (single file or index + shards)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        return read_state_dict(path)
+    for name in _WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_state_dict(path / shard).items()}
+        return read_state_dict(file)
+    raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+def read_config(path: str | Path) -> dict:
+    """`config.json` beside the weights; empty for a bare weights file."""
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _take(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -> dict[str, StateDict]:
+    """Split `state` into parts by name prefix: `{checkpoint prefix: (part, new prefix)}`, longest
+    prefix first. A tensor that no prefix claims is an error."""
+    parts: dict[str, StateDict] = {part: {} for part, _ in prefixes.values()}
+    unclaimed = []
+    for name, tensor in state.items():
+        match = next((p for p in sorted(prefixes, key=len, reverse=True) if name.startswith(p)), None)
+        if match is None:
+            unclaimed.append(f"{name} {tuple(tensor.shape)}")
+            continue
+        part, new_prefix = prefixes[match]
+        parts[part][new_prefix + name[len(match):]] = tensor
+    if unclaimed:
+        raise ValueError(f"{source}: tensors of no known part ({len(unclaimed)}):\n    " + "\n    ".join(unclaimed[:20]))
+    return parts
+
+
+# -- rename tables ---------------------------------------------------------------------------------
+def llama_from_hf(state: StateDict) -> StateDict:
+    """`LlamaForCausalLM` names are flexvlm's already; only the RoPE buffers that older
+    transformers versions saved are dropped (they are recomputed)."""
+    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+_CLIP_HF_RENAMES = [  # (HF CLIPVisionTransformer pattern, open_clip VisionTransformer name)
+    (r"embeddings\.class_embedding", "class_embedding"),
+    (r"embeddings\.patch_embedding\.weight", "conv1.weight"),
+    (r"embeddings\.position_embedding\.weight", "positional_embedding"),
+    (r"pre_layrnorm\.", "ln_pre."),  # sic: HF's spelling
+    (r"post_layernorm\.", "ln_post."),
+    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.resblocks.\1.ln_1."),
+    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.resblocks.\1.ln_2."),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj."),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer.resblocks.\1.attn.out_proj."),
+]
+_CLIP_HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+# a CLIPModel folder holds the text tower too; position_ids is a buffer older versions saved
+_CLIP_HF_IGNORED = ("text_model.", "text_projection.", "logit_scale", "embeddings.position_ids")
+
+
+def clip_vision_from_hf(state: StateDict) -> StateDict:
+    """HF CLIP vision weights (`CLIPVisionModel`, or the vision half of `CLIPModel`, with or without
+    the `vision_model.` prefix) -> open_clip `VisionTransformer` names. Separate q/k/v projections
+    become one `in_proj`, as `nn.MultiheadAttention` keeps them; unknown names pass through
+    unchanged (and fail the strict load)."""
+    out: StateDict = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for name, tensor in state.items():
+        name = name.removeprefix("vision_model.")
+        if name.startswith(_CLIP_HF_IGNORED):
+            continue
+        if name == "visual_projection.weight":
+            out["proj"] = tensor.t()  # open_clip applies x @ proj, HF a Linear
+        elif match := _CLIP_HF_QKV.fullmatch(name):
+            layer, which, kind = match.groups()
+            qkv.setdefault((layer, kind), {})[which] = tensor
+        else:
+            for pattern, new in _CLIP_HF_RENAMES:
+                name, found = re.subn(f"^{pattern}", new, name)
+                if found:
+                    break
+            out[name] = tensor
+    for (layer, kind), tensors in qkv.items():
+        if set(tensors) == {"q", "k", "v"}:
+            out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([tensors[c] for c in "qkv"])
+        else:  # incomplete: keep the HF names so the strict load reports them
+            out.update({f"encoder.layers.{layer}.self_attn.{c}_proj.{kind}": t for c, t in tensors.items()})
+    return out
+
+
+def clip_vision_from_open_clip(state: StateDict) -> StateDict:
+    """An open_clip / OpenAI CLIP state dict (whole model: its `visual.*` part) -> the vision tower's."""
+    if any(k.startswith("visual.") for k in state):
+        return {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    return state
+
+
+def _is_hf_clip(state: StateDict) -> bool:
+    return any(k.endswith("embeddings.patch_embedding.weight") for k in state)
+
+
+# -- config checks ---------------------------------------------------------------------------------
+def _raise_mismatches(problems: list[str], source: str, what: str) -> None:
+    if problems:
+        raise ValueError(f"{source}: config.json does not match the {what}:\n  " + "\n  ".join(problems))
+
+
+def _check_llama_config(config: LlamaConfig, hf: dict, source: str) -> None:
+    """Settings that no tensor shape reveals; a wrong one gives silently wrong logits. An absent
+    key means transformers' default."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    found = {
+        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+    }
+    problems = [f"{k}: checkpoint {v} vs model {getattr(config, k)}" for k, v in found.items() if v != getattr(config, k)]
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r}: the decoder implements silu only")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"RoPE type {rope_type!r}: the decoder implements the default RoPE only")
+    _raise_mismatches(problems, source, "language model (llm / llm_overrides)")
+
+
+def _check_clip_config(visual: nn.Module, hf: dict, source: str) -> None:
+    # HF CLIP (OpenAI's weights) uses quick_gelu; open_clip builds nn.GELU unless told otherwise
+    quick = isinstance(visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    act = hf.get("hidden_act", "quick_gelu")
+    if (act == "quick_gelu") != quick:
+        _raise_mismatches(
+            [f"hidden_act {act!r} vs model {'quick_gelu' if quick else 'gelu'}: build OpenClipBackbone with a "
+             f"'-quickgelu' model name (or model_kwargs {{force_quick_gelu: true}}) exactly when the checkpoint "
+             f"uses quick_gelu"],
+            source, "vision tower",
+        )
+
+
+# -- loaders ----------------------------------------------------------------------------------------
+def _high_res_copies(llm: LanguageModel, state: StateDict) -> StateDict:
+    """W_K', W_V' of FlexAttention layers exist in no released checkpoint: they start as the loaded
+    W_K, W_V (the paper's initialisation)."""
+    return {
+        name: state[source]
+        for name in llm.state_dict()
+        if "_hr_proj." in name and (source := name.replace("_hr_proj.", "_proj.")) in state
+    }
+
+
+def _load_llama_state(llm: LanguageModel, state: StateDict, source: str, hf_config: dict) -> None:
+    if hf_config:
+        _check_llama_config(llm.config, hf_config, source)
+    state = llama_from_hf(state)
+    if llm.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: saved once
+    load_state_dict_strict(llm, {**state, **_high_res_copies(llm, state)}, source)
+
+
+def load_llama_weights(llm: LanguageModel, path: str | Path) -> None:
+    """A LLaMA / Vicuna / Qwen2 HF folder (`LlamaForCausalLM` names) or weights file into `llm`."""
+    _load_llama_state(llm, read_checkpoint(path), str(path), read_config(path))
+
+
+def _feature_block(layer: int, depth: int) -> int:
+    """HF `hidden_states[layer]` of a `depth`-block tower is the output of this block (index 0 is
+    the embeddings)."""
+    return layer % (depth + 1) - 1
+
+
+_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.")
+
+
+def _pruned(name: str, kept: int) -> bool:
+    """Weights of what OpenClipBackbone drops after its layer (later blocks, final norm, head): they
+    have no place to go."""
+    block = _BLOCK.match(name)
+    return name == "proj" or name.startswith("ln_post.") or (block is not None and int(block.group(1)) >= kept)
+
+
+def _load_vision_state(
+    backbone: VisionBackbone, state: StateDict, source: str, hf_config: dict | None, feature_layer: int | None
+) -> None:
+    """An open_clip-named tower state dict into a (pruned) OpenClipBackbone."""
+    if not isinstance(backbone, OpenClipBackbone):
+        raise TypeError(f"CLIP weights load into an OpenClipBackbone, got {type(backbone).__name__}")
+    visual = backbone.visual
+    if hf_config is not None:
+        _check_clip_config(visual, hf_config, source)
+    blocks = {int(m.group(1)) for k in state if (m := _BLOCK.match(k))}
+    if feature_layer is not None and blocks and _feature_block(feature_layer, len(blocks)) != backbone.block_index:
+        _raise_mismatches(
+            [f"the LLaVA feature layer {feature_layer} of a {len(blocks)}-block tower is block "
+             f"{_feature_block(feature_layer, len(blocks))}, the backbone returns block {backbone.block_index}"],
+            source, "vision backbone's layer",
+        )
+    state = {k: v for k, v in state.items() if not _pruned(k, len(visual.transformer.resblocks))}
+    load_state_dict_strict(visual, state, source)
+
+
+def load_clip_vision(backbone: VisionBackbone, path: str | Path, feature_layer: int | None = None) -> None:
+    """CLIP vision weights into an OpenClipBackbone: a HF `CLIPVisionModel` / `CLIPModel` folder
+    (renamed to open_clip's names) or an open_clip / OpenAI state dict file (used as is).
+    `feature_layer`: the HF `hidden_states` index the checkpoint's VLM reads, checked against the
+    backbone's layer."""
+    state = read_checkpoint(path)
+    if _is_hf_clip(state):
+        config = read_config(path)
+        state, hf_config = clip_vision_from_hf(state), config.get("vision_config", config)
+    else:
+        state, hf_config = clip_vision_from_open_clip(state), None  # no config: the activation is up to the user
+    _load_vision_state(backbone, state, str(path), hf_config, feature_layer)
+
+
+_PROJECTOR_PREFIXES = {"model.mm_projector.": ("projector", ""), "mm_projector.": ("projector", ""), "": ("projector", "")}
+
+
+def load_projector(projector: nn.Module, path: str | Path) -> None:
+    """A LLaVA projector file (e.g. the pre-training stage's `mm_projector.bin`)."""
+    parts = _take(read_checkpoint(path), _PROJECTOR_PREFIXES, str(path))
+    load_state_dict_strict(projector, parts["projector"], str(path))
+
+
+@dataclass(frozen=True)
+class _LlavaLayout:
+    name: str
+    marker: str  # a name prefix only this layout has
+    prefixes: dict[str, tuple[str, str]]  # checkpoint prefix -> (part, flexvlm prefix)
+    feature_layer_key: str
+    select_key: str
+    patch_only: str  # the select value that keeps patch tokens only, as flexvlm does
+
+
+_LLAVA_LAYOUTS = (
+    _LlavaLayout(
+        "llava-hf (LlavaForConditionalGeneration)", "multi_modal_projector.",
+        {
+            # files on disk; the second spelling is transformers' in-memory module tree
+            "language_model.model.": ("llm", "model."), "language_model.lm_head.": ("llm", "lm_head."),
+            "model.language_model.": ("llm", "model."), "lm_head.": ("llm", "lm_head."),
+            "multi_modal_projector.linear_1.": ("projector", "0."), "multi_modal_projector.linear_2.": ("projector", "2."),
+            "model.multi_modal_projector.linear_1.": ("projector", "0."),
+            "model.multi_modal_projector.linear_2.": ("projector", "2."),
+            "vision_tower.": ("vision", ""), "model.vision_tower.": ("vision", ""),
+        },
+        "vision_feature_layer", "vision_feature_select_strategy", "default",
+    ),
+    _LlavaLayout(
+        "original LLaVA (LlavaLlamaForCausalLM)", "model.mm_projector.",
+        {
+            "model.mm_projector.": ("projector", ""), "model.vision_tower.vision_tower.": ("vision", ""),
+            "model.": ("llm", "model."), "lm_head.": ("llm", "lm_head."),
+        },
+        "mm_vision_select_layer", "mm_vision_select_feature", "patch",
+    ),
+)
+
+
+def _llava_layout(state: StateDict, source: str) -> _LlavaLayout:
+    for layout in _LLAVA_LAYOUTS:
+        if any(k.startswith((layout.marker, "model." + layout.marker)) for k in state):
+            return layout
+    raise ValueError(
+        f"{source} is not a LLaVA checkpoint: no multimodal projector (multi_modal_projector.* or "
+        f"model.mm_projector.*); for a language model alone use PretrainedWeights(llm=...)"
+    )
+
+
+def load_llava(model: FlexVLM, path: str | Path, vision: str | Path | None = None) -> None:
+    """A LLaVA-1.5 folder into `model`: the llava-hf layout (language model, projector, CLIP tower)
+    or the original one (LLaMA names plus `model.mm_projector.*`; the tower is a separate folder,
+    `vision`, which also replaces a tower held in `path`)."""
+    source = str(path)
+    state, config = read_checkpoint(path), read_config(path)
+    layout = _llava_layout(state, source)
+    select = config.get(layout.select_key, layout.patch_only)
+    if select != layout.patch_only:
+        _raise_mismatches([f"{layout.select_key} {select!r}: flexvlm feeds patch tokens only ({layout.patch_only!r})"],
+                          source, "model")
+    parts = _take(state, layout.prefixes, f"{source} ({layout.name})")
+    _load_llama_state(model.llm, parts["llm"], source, config.get("text_config", config))
+    load_state_dict_strict(model.projector, parts["projector"], source)
+    feature_layer = config.get(layout.feature_layer_key, -2)
+    if vision is not None:
+        load_clip_vision(model.encoder.backbone, vision, feature_layer)
+    elif parts["vision"]:
+        vision_state = clip_vision_from_hf(parts["vision"])
+        _load_vision_state(model.encoder.backbone, vision_state, source, config.get("vision_config"), feature_layer)
+    else:
+        raise ValueError(
+            f"{source} ({layout.name}) holds no vision tower (its config names "
+            f"{config.get('mm_vision_tower')!r}); give the local CLIP folder as `vision`"
+        )
+
+
+class PretrainedWeights:
+    """Which local weights a FlexVLM starts from; a config names it as `FlexVLM(pretrained=...)`.
+
+    `llava`: a LLaVA-1.5 folder (either layout); `llm`: a LLaMA / Vicuna folder instead of it;
+    `vision`: a CLIP folder or state dict file (needed with the original LLaVA layout);
+    `projector`: a projector file (e.g. `mm_projector.bin`), loaded last.
+    """
+
+    def __init__(
+        self,
+        llava: str | None = None,
+        llm: str | None = None,
+        vision: str | None = None,
+        projector: str | None = None,
+    ) -> None:
+        if llava is not None and llm is not None:
+            raise ValueError("give `llava` or `llm`, not both: a LLaVA checkpoint holds the language model")
+        self.llava, self.llm, self.vision, self.projector = llava, llm, vision, projector
+
+    def apply(self, model: FlexVLM) -> None:
+        """Load what is given, then W_K', W_V' <- the loaded W_K, W_V in every FlexAttention layer."""
+        if self.llava is not None:
+            load_llava(model, self.llava, self.vision)
+        else:
+            if self.llm is not None:
+                load_llama_weights(model.llm, self.llm)
+            if self.vision is not None:
+                load_clip_vision(model.encoder.backbone, self.vision)
+        if self.projector is not None:
+            load_projector(model.projector, self.projector)
+        model.init_high_res_projections()
+
+    def __repr__(self) -> str:
+        given = {k: v for k, v in vars(self).items() if v is not None}
+        return f"PretrainedWeights({', '.join(f'{k}={v!r}' for k, v in given.items())})"

@@ -1,0 +1,252 @@
+"""The built-in high-resolution VQA task: read the digit on the tile of a given colour.
+
+A 96 x 96 image (zoom 3 -> 32 x 32 low-res view, patch 8 -> LR grid 4 x 4, HR grid 12 x 12) on a
+near-grey, blocky, noisy, cluttered background holds 2-4 tiles of distinct colours. Each tile is
+exactly one HR patch, aligned to the patch grid, at most one per LR cell (zoom x zoom HR patches),
+and carries a black 5 x 7 digit. Downsampled by 3, the colour blob stays visible but the 35-pixel
+glyph shrinks to at most 3 x 3 grey values inside one LR patch, so reading it is a job for the
+high-resolution tokens at the right place.
+Question: the colour word; answer: the digit. Every sample is a pure function of
+(seed, split, index). See docs/SYNTHETIC.md for the design's history.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from flexvlm.constants import IGNORE_INDEX
+from flexvlm.data.image import preprocess_image
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (210, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 210),
+    "yellow": (225, 200, 40),
+}
+COLOUR_NAMES = tuple(COLOURS)  # colour class c + 1 in the aux targets; 0 is background
+DIGITS = tuple(str(d) for d in range(10))
+WORDS = [*COLOUR_NAMES, *DIGITS]  # the WordTokenizer vocabulary of this task
+SPLITS = ("train", "val", "test")  # part of the random key, so splits never share a stream
+
+# 5 x 7 bitmaps, one string per row, "#" = ink
+GLYPHS = {
+    0: (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
+    1: ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    2: (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
+    3: ("#####", "...#.", "..#..", "...#.", "....#", "#...#", ".###."),
+    4: ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
+    5: ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
+    6: ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
+    7: ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
+    8: (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    9: (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
+}
+GLYPH_MASKS = {d: np.array([[c == "#" for c in row] for row in rows]) for d, rows in GLYPHS.items()}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A coloured tile occupying HR patch (row, col)."""
+
+    row: int
+    col: int
+    colour: str
+    digit: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A rendered sample: the raw image, its tiles and the tile asked about."""
+
+    image: Image.Image
+    tiles: tuple[Tile, ...]
+    query: Tile
+
+    @property
+    def question(self) -> str:
+        return self.query.colour
+
+    @property
+    def answer(self) -> str:
+        return str(self.query.digit)
+
+
+def _check_geometry(image_size: int, patch_size: int, zoom: int) -> None:
+    if image_size % (patch_size * zoom):
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size * zoom")
+    if patch_size < 7:
+        raise ValueError("patch_size must be >= 7 to hold a 5 x 7 digit")
+
+
+def layout_tiles(
+    rng: np.random.Generator, image_size: int, patch_size: int, zoom: int, num_tiles: tuple[int, int]
+) -> list[Tile]:
+    """Distinct colours in distinct LR cells, each at a random HR patch inside its cell."""
+    lr_grid = image_size // patch_size // zoom
+    count = int(rng.integers(num_tiles[0], num_tiles[1] + 1))
+    colours = rng.permutation(len(COLOUR_NAMES))[:count]
+    cells = rng.choice(lr_grid * lr_grid, size=count, replace=False)
+    tiles = []
+    for colour, cell in zip(colours, cells):
+        offset_row, offset_col = rng.integers(0, zoom, size=2)
+        tiles.append(
+            Tile(
+                row=int(cell // lr_grid * zoom + offset_row),
+                col=int(cell % lr_grid * zoom + offset_col),
+                colour=COLOUR_NAMES[colour],
+                digit=int(rng.integers(10)),
+            )
+        )
+    return tiles
+
+
+def draw_scene(
+    tiles: Sequence[Tile], image_size: int, patch_size: int, rng: np.random.Generator
+) -> Image.Image:
+    """Paint the background, clutter, tiles and noise.
+
+    The random draws do not depend on the digits, so the same rng state and tiles that differ
+    only in a digit give images that differ only in that digit's pixels.
+    """
+    # blocky near-grey background: half-patch blocks, a faint per-block tint
+    block = patch_size // 2
+    blocks = image_size // block
+    grey = rng.uniform(90, 166, (blocks, blocks, 1)) + rng.uniform(-6, 6, (blocks, blocks, 3))
+    canvas = grey.astype(np.float32).repeat(block, axis=0).repeat(block, axis=1)
+    # grey clutter rectangles: edges and dark strokes that are not tiles
+    count = int(rng.integers(4, 9))
+    sizes = rng.integers(2, 2 * patch_size, (count, 2))
+    corners = rng.integers(0, image_size - 1, (count, 2))
+    for (height, width), (top, left), value in zip(sizes, corners, rng.uniform(40, 215, count)):
+        canvas[top : top + height, left : left + width] = value
+    glyph_top, glyph_left = (patch_size - 7) // 2, (patch_size - 5) // 2
+    for tile in tiles:
+        colour = np.array(COLOURS[tile.colour]) + rng.uniform(-20, 20, size=3)
+        top, left = tile.row * patch_size, tile.col * patch_size
+        patch = canvas[top : top + patch_size, left : left + patch_size]
+        patch[:] = colour
+        patch[glyph_top : glyph_top + 7, glyph_left : glyph_left + 5][GLYPH_MASKS[tile.digit]] = 0
+    canvas += 6 * rng.standard_normal(canvas.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
+
+
+def render_sample(
+    seed: int,
+    index: int,
+    *,
+    split: str = "train",
+    image_size: int = 96,
+    patch_size: int = 8,
+    zoom: int = 3,
+    num_tiles: tuple[int, int] = (2, 4),
+) -> Scene:
+    """The raw scene of sample `index` of (seed, split): image, tiles and the queried tile."""
+    _check_geometry(image_size, patch_size, zoom)
+    if not 1 <= num_tiles[0] <= num_tiles[1] <= len(COLOUR_NAMES):
+        raise ValueError(f"num_tiles must satisfy 1 <= min <= max <= {len(COLOUR_NAMES)}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    tiles = layout_tiles(rng, image_size, patch_size, zoom, num_tiles)
+    query = tiles[int(rng.integers(len(tiles)))]
+    return Scene(draw_scene(tiles, image_size, patch_size, rng), tuple(tiles), query)
+
+
+def aux_targets(
+    tiles: Sequence[Tile], image_size: int, patch_size: int, zoom: int
+) -> dict[str, torch.Tensor]:
+    """Dense targets, row-major over the token grids: colour class (0 = background) of every
+    LR and HR token, digit of every HR tile token (IGNORE_INDEX elsewhere)."""
+    hr_grid = image_size // patch_size
+    lr_grid = hr_grid // zoom
+    lr_colour = torch.zeros(lr_grid * lr_grid, dtype=torch.long)
+    hr_colour = torch.zeros(hr_grid * hr_grid, dtype=torch.long)
+    hr_digit = torch.full((hr_grid * hr_grid,), IGNORE_INDEX, dtype=torch.long)
+    for tile in tiles:
+        colour_class = COLOUR_NAMES.index(tile.colour) + 1
+        lr_colour[tile.row // zoom * lr_grid + tile.col // zoom] = colour_class
+        hr_colour[tile.row * hr_grid + tile.col] = colour_class
+        hr_digit[tile.row * hr_grid + tile.col] = tile.digit
+    return {"aux_lr_colour": lr_colour, "aux_hr_colour": hr_colour, "aux_hr_digit": hr_digit}
+
+
+class SyntheticVQA(torch.utils.data.Dataset):
+    """`num_samples` procedurally generated samples; sample i depends only on (seed, split, i)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        image_size: int = 96,
+        patch_size: int = 8,
+        zoom: int = 3,
+        split: str = "train",
+        num_tiles: tuple[int, int] = (2, 4),
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        _check_geometry(image_size, patch_size, zoom)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.num_samples, self.seed, self.split = num_samples, seed, split
+        self.image_size, self.patch_size, self.zoom = image_size, patch_size, zoom
+        self.num_tiles, self.mean, self.std = tuple(num_tiles), mean, std
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def scene(self, index: int) -> Scene:
+        return render_sample(
+            self.seed,
+            index,
+            split=self.split,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            zoom=self.zoom,
+            num_tiles=self.num_tiles,
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        scene = self.scene(index)
+        image, content_box = preprocess_image(scene.image, self.image_size, self.mean, self.std)
+        return {
+            "image": image,
+            "content_box": content_box,
+            "question": scene.question,
+            "answer": scene.answer,
+            "answers": [scene.answer],
+            "question_id": f"synthetic-{self.split}-{self.seed}-{index}",
+            **aux_targets(scene.tiles, self.image_size, self.patch_size, self.zoom),
+        }
+
+
+class SyntheticAuxLoss(nn.Module):
+    """Dense auxiliary loss on vision-backbone tokens, standing in for a pre-trained tower:
+    CE(colour of LR tokens) + CE(colour of HR tokens) + CE(digit of HR tile tokens), x weight."""
+
+    def __init__(self, embed_dim: int, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+        self.lr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
+        self.hr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
+        self.hr_digit = nn.Linear(embed_dim, len(DIGITS))
+
+    def forward(
+        self, lr_tokens: torch.Tensor, hr_tokens: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """lr_tokens (B, N_lr, C), hr_tokens (B, N_hr, C) in the targets' row-major order."""
+        loss = (
+            F.cross_entropy(self.lr_colour(lr_tokens).flatten(0, 1), batch["aux_lr_colour"].flatten())
+            + F.cross_entropy(self.hr_colour(hr_tokens).flatten(0, 1), batch["aux_hr_colour"].flatten())
+            + F.cross_entropy(
+                self.hr_digit(hr_tokens).flatten(0, 1),
+                batch["aux_hr_digit"].flatten(),
+                ignore_index=IGNORE_INDEX,
+            )
+        )
+        return self.weight * loss

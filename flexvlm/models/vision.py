@@ -1,0 +1,279 @@
+"""Vision backbones that return the patch tokens of one transformer layer.
+
+Every backbone maps normalised images (B, 3, H, W) to row-major patch tokens (B, H/p * W/p, C),
+without class or other prefix tokens. Any H, W that are multiples of the patch size work: the
+position embeddings are resampled bicubically (the "whole image at any size" high-res path).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import open_clip
+import timm
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import VisionTransformer
+from safetensors.torch import load_file as load_safetensors
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+__all__ = [
+    "VisionBackbone",
+    "TimmBackbone",
+    "OpenClipBackbone",
+    "PatchMLPBackbone",
+    "read_state_dict",
+    "load_state_dict_strict",
+]
+
+_MAX_LISTED = 20  # names per category in a mismatch message; a full CLIP has hundreds
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from a safetensors file or a `torch.save` file (weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    if _is_torchscript(path):  # e.g. OpenAI's CLIP .pt files: not readable with weights_only=True
+        raise ValueError(
+            f"{path} is a TorchScript archive; convert it to a state dict once with "
+            f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'state_dict.pt')"
+        )
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
+    return state_dict
+
+
+def _listing(title: str, lines: list[str]) -> str:
+    shown = lines[:_MAX_LISTED]
+    more = f"\n    ... and {len(lines) - len(shown)} more" if len(lines) > len(shown) else ""
+    return f"\n  {title} ({len(lines)}):\n    " + "\n    ".join(shown) + more
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Load `state_dict` into `module`; any missing, unexpected or mis-shaped tensor is an error."""
+    expected = module.state_dict()
+    missing = [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in state_dict]
+    unexpected = [f"{k} {tuple(v.shape)}" for k, v in state_dict.items() if k not in expected]
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        message = f"{source} does not match {type(module).__name__}:"
+        for title, lines in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
+            if lines:
+                message += _listing(title, lines)
+        raise ValueError(message)
+    module.load_state_dict(state_dict)
+
+
+def _block_index(layer: int, depth: int) -> int:
+    """Python-style (negative counts from the end) index into `depth` blocks, as a positive index."""
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer {layer} is out of range for {depth} blocks")
+    return layer % depth
+
+
+def _resample_pos_embed(pos_embed: Tensor, grid: int, new_grid: tuple[int, int], num_prefix: int) -> Tensor:
+    """Position embeddings (1, num_prefix + grid*grid, C) resampled bicubically to `new_grid`."""
+    return resample_abs_pos_embed(
+        pos_embed, new_size=list(new_grid), old_size=[grid, grid], num_prefix_tokens=num_prefix
+    )
+
+
+class VisionBackbone(nn.Module):
+    """Base class: images (B, 3, H, W) -> patch tokens (B, H/p * W/p, embed_dim), row-major.
+
+    Subclasses set `image_size`, `patch_size`, `embed_dim`, `mean`, `std`, implement
+    `_patch_tokens`, and call `freeze()` at the end of `__init__` when asked to be frozen.
+    """
+
+    image_size: int  # native input size
+    patch_size: int
+    embed_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = False
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def freeze(self) -> VisionBackbone:
+        """No gradients, and eval mode for good (dropout, etc.), whatever `.train()` says later."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> VisionBackbone:
+        return super().train(mode and not self.frozen)
+
+    def forward(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        return self._patch_tokens(images)
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _square(size: int | tuple[int, int], what: str) -> int:
+    height, width = (size, size) if isinstance(size, int) else size
+    if height != width:
+        raise ValueError(f"only square {what} are supported, got {height}x{width}")
+    return height
+
+
+class TimmBackbone(VisionBackbone):
+    """A timm ViT (anything with `forward_intermediates`), e.g. CLIP or SigLIP towers.
+
+    `checkpoint_path` holds a state dict of the timm model itself (timm key names). Blocks after
+    `layer`, the final norm and the head are dropped after loading: they never reach the output.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        layer: int = -2,
+        frozen: bool = False,
+        checkpoint_path: str | Path | None = None,
+        model_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = {**(model_kwargs or {}), "num_classes": 0, "dynamic_img_size": True}
+        self.model = timm.create_model(model_name, pretrained=False, **kwargs)
+        if checkpoint_path is not None:
+            load_state_dict_strict(self.model, read_state_dict(checkpoint_path), str(checkpoint_path))
+        self.block_index = _block_index(layer, len(self.model.blocks))
+        self.model.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
+
+        self.image_size = _square(self.model.patch_embed.img_size, "images")
+        self.patch_size = _square(self.model.patch_embed.patch_size, "patches")
+        self.embed_dim = self.model.embed_dim
+        self.mean = tuple(self.model.pretrained_cfg["mean"])
+        self.std = tuple(self.model.pretrained_cfg["std"])
+        if frozen:
+            self.freeze()
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        (tokens,) = self.model.forward_intermediates(
+            images, indices=[self.block_index], intermediates_only=True, output_fmt="NLC", stop_early=True
+        )
+        return tokens
+
+
+class OpenClipBackbone(VisionBackbone):
+    """The vision tower of an open_clip model (e.g. "ViT-L-14-336", LLaVA-1.5's tower).
+
+    `checkpoint_path` holds a full open_clip / OpenAI CLIP state dict (the `visual.*` keys are
+    used) or the vision tower's alone. Mean and std are OpenAI CLIP's.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        layer: int = -2,
+        frozen: bool = False,
+        checkpoint_path: str | Path | None = None,
+        model_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        # pretrained_text=False: the text tower is dropped, never fetch weights for it
+        model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, **(model_kwargs or {}))
+        visual = model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(f"{model_name} has a {type(visual).__name__} vision tower; use TimmBackbone for it")
+        if checkpoint_path is not None:
+            state_dict = read_state_dict(checkpoint_path)
+            if any(k.startswith("visual.") for k in state_dict):
+                state_dict = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
+            load_state_dict_strict(visual, state_dict, str(checkpoint_path))
+        self.block_index = _block_index(layer, len(visual.transformer.resblocks))
+        visual.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
+        self.visual = visual
+
+        self.image_size = _square(visual.image_size, "images")
+        self.patch_size = _square(visual.patch_size, "patches")
+        self.embed_dim = visual.transformer.width
+        self.mean = OPENAI_DATASET_MEAN
+        self.std = OPENAI_DATASET_STD
+        if frozen:
+            self.freeze()
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        # open_clip's own forward cannot resample position embeddings, hence the steps spelled out;
+        # patch dropout is skipped on purpose: the selection needs every token of the grid.
+        visual = self.visual
+        x = visual.conv1(images)  # (B, C, h, w)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        pos = _resample_pos_embed(visual.positional_embedding[None], self.grid_size, grid, num_prefix=1)
+        x = visual.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+        for block in visual.transformer.resblocks:  # already cut after the chosen layer
+            x = block(x)
+        return x[:, 1:]
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(x)
+
+
+class PatchMLPBackbone(VisionBackbone):
+    """Tiny per-patch encoder for the synthetic task: patch embedding, residual MLPs, final norm."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 8,
+        embed_dim: int = 64,
+        hidden_dim: int = 128,
+        depth: int = 2,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        frozen: bool = False,
+        checkpoint_path: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size, self.embed_dim = image_size, patch_size, embed_dim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.grid_size**2, embed_dim))
+        self.blocks = nn.Sequential(*(_ResidualMLP(embed_dim, hidden_dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(embed_dim)
+        if checkpoint_path is not None:
+            load_state_dict_strict(self, read_state_dict(checkpoint_path), str(checkpoint_path))
+        if frozen:
+            self.freeze()
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(images)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        x = x + _resample_pos_embed(self.pos_embed, self.grid_size, grid, num_prefix=0).to(x.dtype)
+        return self.norm(self.blocks(x))

@@ -1,0 +1,153 @@
+"""Run a set of experiment configs and write one results table (CSV and Markdown).
+
+    python scripts/sweep.py experiments/synthetic                      # every YAML in the folder
+    python scripts/sweep.py experiments/synthetic/flex_attn.yaml experiments/synthetic/xattn.yaml
+    python scripts/sweep.py "experiments/synthetic/flex_attention_ratio.yaml+experiments/synthetic/eval/as_random.yaml"
+
+Each entry is one YAML, or several joined by '+' that stack in that order on top of ``--base``.
+An entry whose files set ``ckpt_path`` is evaluated (``test``); any other is trained and then
+tested (``fit --test_after_fit true``). Every run goes into ``<logger save_dir>/<name>/sweep``,
+so an evaluation entry can name a checkpoint of a training entry run before it. After each run the
+script counts the FLOPs of a whole greedy generation per sample on the first test batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+from flexvlm.cli import main as cli_main
+from flexvlm.flops import generation_flops
+
+VERSION = "sweep"  # every run's folder is <save_dir>/<name>/sweep: evaluation entries name checkpoints there
+COLUMNS = ["config", "mode", "selection", "accuracy", "hr_fraction", "mflops_per_sample", "train_steps", "wall_s"]
+
+
+def expand(entries: list[str]) -> list[list[str]]:
+    runs = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            runs += [[str(p)] for p in sorted(path.glob("*.yaml"))]
+        else:
+            runs.append(entry.split("+"))
+    for files in runs:
+        for file in files:
+            if not Path(file).is_file():
+                raise SystemExit(f"no such config: {file}")
+    return runs
+
+
+def checkpoint_of(files: list[str]) -> str | None:
+    """The ``ckpt_path`` the stacked files set (the last one wins), if any."""
+    paths = [(yaml.safe_load(Path(f).read_text()) or {}).get("ckpt_path") for f in files]
+    return next((p for p in reversed(paths) if p), None)
+
+
+def is_evaluation(files: list[str]) -> bool:
+    return checkpoint_of(files) is not None
+
+
+def cli_args(base: str, files: list[str], extra: list[str]) -> list[str]:
+    args = ["--config", base]
+    for file in files:
+        args += ["--config", file]
+    return args + ["--trainer.logger.init_args.version", VERSION, *extra]
+
+
+def run(files: list[str], args: argparse.Namespace, threads: int) -> dict:
+    subcommand = "test" if is_evaluation(files) else "fit"
+    command = [sys.executable, "-m", "flexvlm", subcommand, *cli_args(args.base, files, args.extra)]
+    if subcommand == "fit":
+        command += ["--test_after_fit", "true"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    label = "+".join(Path(f).stem for f in files)
+    log = Path(args.out) / "logs" / f"{label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] {label}: {' '.join(command)}", flush=True)
+    start = time.time()
+    with open(log, "w") as f:
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.time() - start
+    if code != 0:
+        print(f"[sweep] {label} FAILED (exit {code}), see {log}", flush=True)
+        return {"config": label, "wall_s": round(wall)}
+    return summarise(files, label, wall, args)
+
+
+def summarise(files: list[str], label: str, wall: float, args: argparse.Namespace) -> dict:
+    """Metrics of the finished run, and FLOPs per sample of its model on the first test batch."""
+    ckpt = checkpoint_of(files)
+    with tempfile.TemporaryDirectory() as tmp:
+        # ckpt_path belongs to a subcommand: the parser built without one (run=False) rejects it
+        stripped = []
+        for i, file in enumerate(files):
+            config = yaml.safe_load(Path(file).read_text()) or {}
+            config.pop("ckpt_path", None)
+            stripped.append(Path(tmp) / f"{i}.yaml")
+            stripped[-1].write_text(yaml.safe_dump(config))
+        with warnings.catch_warnings():  # LightningCLI warns that this script has its own argv
+            warnings.simplefilter("ignore")
+            cli = cli_main(cli_args(args.base, [str(p) for p in stripped], args.extra), run=False)
+    log_dir = Path(cli.trainer.log_dir)
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    ckpt = ckpt or log_dir / "checkpoints" / "last.ckpt"
+    cli.model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    cli.datamodule.setup("test")
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    model = cli.model.model.eval()
+    flops = generation_flops(model, batch, cli.model.hparams.max_new_tokens, cli.datamodule.tokenizer.eos_id)
+    selection = type(model.selection).__name__ if model.selection is not None else "-"
+    steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    return {
+        "config": label, "mode": model.mode, "selection": selection,
+        "accuracy": round(metrics.get("test/accuracy", float("nan")), 4),
+        "hr_fraction": round(metrics.get("test/hr_fraction", 1.0 if model.mode in ("hd", "xattn") else 0.0), 4),
+        "mflops_per_sample": round(flops / 1e6, 2), "train_steps": steps, "wall_s": round(wall),
+    }
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |" for row in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entries", nargs="+", help="YAML files, folders of them, or a+b stacks")
+    parser.add_argument("--base", default="configs/synthetic.yaml", help="config every entry stacks on")
+    parser.add_argument("--out", default="runs/sweep", help="folder for results.csv / results.md and logs")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at once (evaluations wait for them)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run")
+    args = parser.parse_args()
+    runs = expand(args.entries)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    training = [files for files in runs if not is_evaluation(files)]
+    evaluation = [files for files in runs if is_evaluation(files)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda files: run(files, args, threads), training))
+    rows += [run(files, args, threads) for files in evaluation]
+    write_tables(rows, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Real checkpoint layouts, written by `transformers` / open_clip at tiny sizes, loaded by flexvlm
+and checked against the reference forward passes. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from flexvlm.checkpoints import PretrainedWeights, load_clip_vision, load_llama_weights, load_llava, load_projector
+from flexvlm.cli import main
+from flexvlm.constants import IMAGE_TOKEN_INDEX
+from flexvlm.models.llm import LanguageModel, LlamaConfig
+from flexvlm.models.vision import OpenClipBackbone
+from flexvlm.models.vlm import FlexVLM
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE, PATCH, IMAGE_TOKEN = 42, 14, 99  # a 3 x 3 grid of 9 image tokens
+HF_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 image_size=IMAGE, patch_size=PATCH)
+HF_TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
+LLM = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+           rms_norm_eps=1e-5, max_position_embeddings=128)
+OPEN_CLIP = dict(embed_dim=16, text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+                 vision_cfg=dict(image_size=IMAGE, patch_size=PATCH, width=32, layers=3, head_width=16, mlp_ratio=2.0))
+PROMPT = [1, 5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9]
+
+
+def _backbone(layer: int = -2, quick_gelu: bool = True) -> OpenClipBackbone:
+    return OpenClipBackbone("ViT-B-16", layer=layer, model_kwargs={**OPEN_CLIP, "force_quick_gelu": quick_gelu})
+
+
+def _vlm(mode: str = "lr_only", pretrained: PretrainedWeights | None = None, **llm) -> FlexVLM:
+    return FlexVLM(_backbone(), llm="tiny", llm_overrides={**LLM, **llm}, mode=mode, num_sa_layers=1, zoom=1,
+                   pretrained=pretrained).eval()
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module) -> None:
+    """O(1) activations instead of HF's 0.02-std init, so that a wrong weight shows in the logits."""
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.ndim > 1:
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
+        else:
+            p.copy_(("norm" in name and name.endswith("weight")) + 0.1 * torch.randn_like(p))
+
+
+def _save_bin_shards(state: dict, folder: Path, num_shards: int = 3) -> None:
+    """`pytorch_model-0000i-of-0000n.bin` + index, as older transformers (and LLaVA-1.5) wrote them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names, weight_map = sorted(state), {}
+    for i in range(num_shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        shard = {n: state[n].clone() for n in names[i::num_shards]}
+        torch.save(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _mm_projector(llava) -> dict:
+    """The projector of a llava-hf model under the original LLaVA names."""
+    mm = llava.model.multi_modal_projector
+    return {f"model.mm_projector.{i}.{k}": v for i, linear in ((0, mm.linear_1), (2, mm.linear_2))
+            for k, v in linear.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """A random LlavaForConditionalGeneration saved in its own layout, and the same weights as the
+    original LLaVA layout (LLaMA + mm_projector, .bin shards), a LLaMA folder and a CLIP folder."""
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**HF_VISION), text_config=transformers.LlamaConfig(**HF_TEXT),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    llava = transformers.LlavaForConditionalGeneration(config).eval()
+    _randomise(llava)
+    root = tmp_path_factory.mktemp("checkpoints")
+    llava.save_pretrained(root / "llava-hf")
+    llava.model.vision_tower.save_pretrained(root / "clip")
+
+    llama = transformers.LlamaForCausalLM(config.text_config).eval()
+    llama.model.load_state_dict(llava.model.language_model.state_dict())
+    llama.lm_head.load_state_dict(llava.lm_head.state_dict())
+    llama.save_pretrained(root / "llama")
+    _save_bin_shards(llama.state_dict(), root / "llama-bin")
+    (root / "llama-bin" / "config.json").write_text((root / "llama" / "config.json").read_text())
+
+    _save_bin_shards({**llama.state_dict(), **_mm_projector(llava)}, root / "llava-original")
+    (root / "llava-original" / "config.json").write_text(json.dumps({
+        **config.text_config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
+    }))
+
+    torch.manual_seed(1)
+    image = torch.randn(1, 3, IMAGE, IMAGE)
+    hf_ids = [t for t in PROMPT if t != IMAGE_TOKEN_INDEX]
+    hf_ids[PROMPT.index(IMAGE_TOKEN_INDEX):PROMPT.index(IMAGE_TOKEN_INDEX)] = [IMAGE_TOKEN] * (IMAGE // PATCH) ** 2
+    with torch.no_grad():
+        logits = llava(input_ids=torch.tensor([hf_ids]), pixel_values=image).logits
+    return dict(root=root, llava=llava, llama=llama, image=image, logits=logits)
+
+
+def _logits(model: FlexVLM, image: torch.Tensor) -> torch.Tensor:
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        return model(ids, torch.ones_like(ids), image).logits
+
+
+# ---------------------------------------------------------------- LLaVA-1.5, both layouts
+
+
+def test_llava_hf_logits_match_transformers(hf):
+    assert hf["logits"].std() > 0.1  # the weights are big enough for a wrong one to show
+    model = _vlm(pretrained=PretrainedWeights(llava=str(hf["root"] / "llava-hf")))
+    got = _logits(model, hf["image"])
+    assert got.shape == hf["logits"].shape
+    assert (got - hf["logits"]).abs().max() < 1e-4
+
+
+def test_original_llava_layout_with_separate_tower_matches(hf):
+    root = hf["root"]
+    model = _vlm(pretrained=PretrainedWeights(llava=str(root / "llava-original"), vision=str(root / "clip")))
+    assert (_logits(model, hf["image"]) - hf["logits"]).abs().max() < 1e-4
+
+
+def test_separate_parts_match_the_whole(hf):
+    """LLaMA folder + CLIP folder + a stand-alone projector file (the pre-training stage's output)."""
+    root = hf["root"]
+    torch.save(_mm_projector(hf["llava"]), root / "mm_projector.bin")
+    weights = PretrainedWeights(llm=str(root / "llama-bin"), vision=str(root / "clip"),
+                                projector=str(root / "mm_projector.bin"))
+    assert (_logits(_vlm(pretrained=weights), hf["image"]) - hf["logits"]).abs().max() < 1e-4
+
+
+def test_flex_mode_high_res_projections_copy_the_loaded_ones(hf):
+    model = _vlm(mode="flex", pretrained=PretrainedWeights(llava=str(hf["root"] / "llava-hf")))
+    reference = hf["llava"].model.language_model.layers
+    assert model.flex_layers == [1, 2]
+    for i in model.flex_layers:
+        attn = model.llm.layers[i].self_attn
+        assert torch.equal(attn.k_proj.weight, reference[i].self_attn.k_proj.weight)
+        assert torch.equal(attn.k_hr_proj.weight, attn.k_proj.weight)
+        assert torch.equal(attn.v_hr_proj.weight, attn.v_proj.weight)
+
+
+# ---------------------------------------------------------------- LLaMA alone
+
+
+@pytest.mark.parametrize("folder", ["llama", "llama-bin"], ids=["safetensors", "bin-shards"])
+def test_llama_folder_logits_match_transformers(hf, folder):
+    llm = LanguageModel(LlamaConfig(**LLM)).eval()
+    load_llama_weights(llm, hf["root"] / folder)
+    ids = torch.randint(0, LLM["vocab_size"], (2, 9))
+    with torch.no_grad():
+        expected = hf["llama"](ids).logits
+        got = llm.logits(llm(llm.embed(ids)))
+    assert (got - expected).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- CLIP vision tower
+
+
+def _hf_tokens(hf, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf["llava"].model.vision_tower(pixel_values=image, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
+def test_hf_clip_vision_model_through_the_adapter(hf):
+    backbone = _backbone().eval()
+    load_clip_vision(backbone, hf["root"] / "clip")
+    with torch.no_grad():
+        got = backbone(hf["image"])
+    assert (got - _hf_tokens(hf, hf["image"])).abs().max() < 1e-5
+
+
+def test_hf_clip_model_folder_with_text_tower(hf, tmp_path):
+    """openai/clip-vit-large-patch14-336 is a whole CLIPModel: `vision_model.*` beside the text tower."""
+    text = transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=HF_VISION,
+                                                          projection_dim=8))
+    clip.vision_model.load_state_dict(hf["llava"].model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path)
+    backbone = _backbone().eval()
+    load_clip_vision(backbone, tmp_path)
+    with torch.no_grad():
+        assert (backbone(hf["image"]) - _hf_tokens(hf, hf["image"])).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("which", ["whole_model", "tower_only"])
+def test_open_clip_state_dict_file(tmp_path, which):
+    """OpenAI / open_clip state dicts go in as they are (whole model or its `visual` part)."""
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True, **OPEN_CLIP).eval()
+    state = reference.state_dict() if which == "whole_model" else reference.visual.state_dict()
+    file = tmp_path / ("open_clip.pt" if which == "whole_model" else "visual.safetensors")
+    if which == "whole_model":
+        torch.save(state, file)
+    else:
+        save_file(state, file)
+    backbone = _backbone().eval()
+    load_clip_vision(backbone, file)
+    image = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        out = reference.visual.forward_intermediates(image, indices=[-2], intermediates_only=True, output_fmt="NLC")
+        (expected,) = out["image_intermediates"]
+        assert torch.allclose(backbone(image), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_and_mis_shaped_tensors_are_listed(hf, tmp_path):
+    state = dict(hf["llama"].state_dict())
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \(1\):\s+model\.layers\.1\.mlp\.up_proj\.weight \(64, 32\)"):
+        load_llama_weights(LanguageModel(LlamaConfig(**LLM)), tmp_path)
+    narrow = LanguageModel(LlamaConfig(**{**LLM, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: checkpoint \(64, 32\) vs model \(48, 32\)"):
+        load_llama_weights(narrow, hf["root"] / "llama")
+
+
+def test_missing_paths_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        PretrainedWeights(llava=str(tmp_path / "nowhere")).apply(_vlm())
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        load_llama_weights(LanguageModel(LlamaConfig(**LLM)), tmp_path)
+
+
+def test_config_mismatches_that_no_shape_shows(hf):
+    root = hf["root"]
+    with pytest.raises(ValueError, match=r"rms_norm_eps: checkpoint 1e-05 vs model 1e-06"):
+        load_llama_weights(LanguageModel(LlamaConfig(**{**LLM, "rms_norm_eps": 1e-6})), root / "llama")
+    with pytest.raises(ValueError, match="quick_gelu"):
+        load_clip_vision(_backbone(quick_gelu=False), root / "clip")
+    model = _vlm()
+    model.encoder.backbone = _backbone(layer=-1)
+    with pytest.raises(ValueError, match="feature layer -2 of a 3-block tower is block 1, the backbone returns block 2"):
+        load_llava(model, root / "llava-hf")
+
+
+def test_layout_errors(hf):
+    root = hf["root"]
+    with pytest.raises(ValueError, match="holds no vision tower.*clip-vit-large-patch14-336"):
+        load_llava(_vlm(), root / "llava-original")
+    with pytest.raises(ValueError, match="not a LLaVA checkpoint"):
+        load_llava(_vlm(), root / "llama")
+    with pytest.raises(ValueError, match="not both"):
+        PretrainedWeights(llava=str(root / "llava-hf"), llm=str(root / "llama"))
+    with pytest.raises(ValueError, match=r"unexpected \(4\):\s+model\.mm_projector"):
+        load_llama_weights(LanguageModel(LlamaConfig(**LLM)), root / "llava-original")
+    with pytest.raises(ValueError, match="missing"):
+        load_projector(_vlm().projector, root / "llama" / "model.safetensors")
+
+
+# ---------------------------------------------------------------- the paper's config
+
+
+def test_paper_config_parses_without_building_the_model(capsys):
+    config = ROOT / "experiments" / "paper" / "llava-1.5-7b-flexattn.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["model"]["init_args"]
+    assert model["llm"] == "vicuna-7b-v1.5" and model["zoom"] == 3 and model["num_sa_layers"] == 9
+    assert model["selection"]["init_args"]["threshold"] == 48 and model["selection"]["init_args"]["block_grid"] == 9
+    assert model["backbone"]["init_args"]["model_name"] == "ViT-L-14-336-quickgelu"
+    assert model["pretrained"]["class_path"] == "flexvlm.checkpoints.PretrainedWeights"
+    assert printed["trainer"]["strategy"] == "deepspeed_stage_3"

@@ -1,0 +1,77 @@
+"""Cached batched generation against uncached and single-sample runs."""
+
+import pytest
+import torch
+
+from flexvlm.constants import IMAGE_TOKEN_INDEX
+from flexvlm.generate import generate
+from flexvlm.models.flex_attention import FlexAttention
+from flexvlm.models.vision import PatchMLPBackbone
+from flexvlm.models.vlm import FlexVLM
+from flexvlm.selection import AttentionSelection
+
+LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
+
+
+def _model(mode):
+    torch.manual_seed(0)
+    backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
+    return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=0 if mode == "xattn" else 1,
+                   selection=AttentionSelection(top_k=3)).eval()
+
+
+def _prompts():
+    torch.manual_seed(3)
+    ids = torch.tensor([[0, 0, IMAGE_TOKEN_INDEX, 5, 6], [IMAGE_TOKEN_INDEX, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    return ids, mask, torch.randn(2, 3, 96, 96)
+
+
+@pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex"])
+def test_cache_batch_and_single_agree(mode):
+    model = _model(mode)
+    ids, mask, images = _prompts()
+    cached = generate(model, ids, mask, images, max_new_tokens=6)
+    uncached = generate(model, ids, mask, images, max_new_tokens=6, use_cache=False)
+    assert cached.tokens == uncached.tokens
+    assert torch.allclose(cached.hr_fraction, uncached.hr_fraction)
+    for i in range(2):
+        real = mask[i].bool()
+        single = generate(model, ids[i : i + 1, real], mask[i : i + 1, real], images[i : i + 1], max_new_tokens=6)
+        assert single.tokens[0] == cached.tokens[i]
+    if mode == "flex":
+        assert set(cached.prefill_masks) == {1, 2}
+        assert cached.prefill_masks[1].shape == (2, 12, 12)
+        assert ((cached.hr_fraction - 3 * 9 / 144).abs() < 1e-6).all()  # top-3 blocks of 3 x 3 every step
+
+
+def test_eos_stops_and_is_cut():
+    model = _model("flex")
+    ids, mask, images = _prompts()
+    first = generate(model, ids, mask, images, max_new_tokens=4)
+    eos = first.tokens[0][1]  # pretend the second generated token of sample 0 is EOS
+    out = generate(model, ids, mask, images, max_new_tokens=4, eos_token_id=eos)
+    assert out.tokens[0] == first.tokens[0][: first.tokens[0].index(eos)]
+
+
+def test_high_res_projection_of_a_token_happens_once_per_layer():
+    model = _model("flex")
+    ids, mask, images = _prompts()
+    projected = {i: [] for i in model.flex_layers}
+    seen = {i: set() for i in model.flex_layers}
+    for i in model.flex_layers:
+        attn: FlexAttention = model.llm.layers[i].self_attn
+        attn.k_hr_proj.register_forward_hook(lambda mod, inp, out, i=i: projected[i].append(inp[0]))
+    generate(model, ids, mask, images, max_new_tokens=6)
+    for i, chunks in projected.items():
+        rows = torch.cat(chunks)
+        # no feature vector is projected twice in the same layer
+        assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
+        assert rows.shape[0] > 0
+
+
+def test_rejects_right_padded_prompts():
+    model = _model("lr_only")
+    ids, mask, images = _prompts()
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, ids, mask.flip(-1), images)
