@@ -23,7 +23,7 @@ from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
 from flexvlm.models.llm import LanguageModel, LlamaConfig
-from flexvlm.models.vision import OpenClipBackbone, VisionBackbone, load_state_dict_strict, read_state_dict
+from flexvlm.models.vision import OpenClipBackbone, VisionBackbone, _listing, load_state_dict_strict, read_state_dict
 
 if TYPE_CHECKING:
     from flexvlm.models.vlm import FlexVLM
@@ -44,7 +44,9 @@ __all__ = [
 StateDict = dict[str, Tensor]
 
 # in the order transformers prefers them
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -76,16 +78,17 @@ def _take(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -
     """Split `state` into parts by name prefix: `{checkpoint prefix: (part, new prefix)}`, longest
     prefix first. A tensor that no prefix claims is an error."""
     parts: dict[str, StateDict] = {part: {} for part, _ in prefixes.values()}
+    longest_first = sorted(prefixes, key=len, reverse=True)
     unclaimed = []
     for name, tensor in state.items():
-        match = next((p for p in sorted(prefixes, key=len, reverse=True) if name.startswith(p)), None)
+        match = next((p for p in longest_first if name.startswith(p)), None)
         if match is None:
             unclaimed.append(f"{name} {tuple(tensor.shape)}")
             continue
         part, new_prefix = prefixes[match]
         parts[part][new_prefix + name[len(match):]] = tensor
     if unclaimed:
-        raise ValueError(f"{source}: tensors of no known part ({len(unclaimed)}):\n    " + "\n    ".join(unclaimed[:20]))
+        raise ValueError(f"{source}: tensors of no known part:" + _listing("unclaimed", unclaimed))
     return parts
 
 
@@ -169,7 +172,9 @@ def _check_llama_config(config: LlamaConfig, hf: dict, source: str) -> None:
         "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         "tie_word_embeddings": hf.get("tie_word_embeddings", False),
     }
-    problems = [f"{k}: checkpoint {v} vs model {getattr(config, k)}" for k, v in found.items() if v != getattr(config, k)]
+    problems = [
+        f"{k}: checkpoint {v} vs model {getattr(config, k)}" for k, v in found.items() if v != getattr(config, k)
+    ]
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r}: the decoder implements silu only")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -266,7 +271,7 @@ def load_clip_vision(backbone: VisionBackbone, path: str | Path, feature_layer: 
     _load_vision_state(backbone, state, str(path), hf_config, feature_layer)
 
 
-_PROJECTOR_PREFIXES = {"model.mm_projector.": ("projector", ""), "mm_projector.": ("projector", ""), "": ("projector", "")}
+_PROJECTOR_PREFIXES = {prefix: ("projector", "") for prefix in ("model.mm_projector.", "mm_projector.", "")}
 
 
 def load_projector(projector: nn.Module, path: str | Path) -> None:
@@ -278,7 +283,7 @@ def load_projector(projector: nn.Module, path: str | Path) -> None:
 @dataclass(frozen=True)
 class _LlavaLayout:
     name: str
-    marker: str  # a name prefix only this layout has
+    markers: tuple[str, ...]  # name prefixes of its projector, found in no other layout
     prefixes: dict[str, tuple[str, str]]  # checkpoint prefix -> (part, flexvlm prefix)
     feature_layer_key: str
     select_key: str
@@ -287,12 +292,13 @@ class _LlavaLayout:
 
 _LLAVA_LAYOUTS = (
     _LlavaLayout(
-        "llava-hf (LlavaForConditionalGeneration)", "multi_modal_projector.",
+        "llava-hf (LlavaForConditionalGeneration)", ("multi_modal_projector.", "model.multi_modal_projector."),
         {
             # files on disk; the second spelling is transformers' in-memory module tree
             "language_model.model.": ("llm", "model."), "language_model.lm_head.": ("llm", "lm_head."),
             "model.language_model.": ("llm", "model."), "lm_head.": ("llm", "lm_head."),
-            "multi_modal_projector.linear_1.": ("projector", "0."), "multi_modal_projector.linear_2.": ("projector", "2."),
+            "multi_modal_projector.linear_1.": ("projector", "0."),
+            "multi_modal_projector.linear_2.": ("projector", "2."),
             "model.multi_modal_projector.linear_1.": ("projector", "0."),
             "model.multi_modal_projector.linear_2.": ("projector", "2."),
             "vision_tower.": ("vision", ""), "model.vision_tower.": ("vision", ""),
@@ -300,7 +306,7 @@ _LLAVA_LAYOUTS = (
         "vision_feature_layer", "vision_feature_select_strategy", "default",
     ),
     _LlavaLayout(
-        "original LLaVA (LlavaLlamaForCausalLM)", "model.mm_projector.",
+        "original LLaVA (LlavaLlamaForCausalLM)", ("model.mm_projector.",),
         {
             "model.mm_projector.": ("projector", ""), "model.vision_tower.vision_tower.": ("vision", ""),
             "model.": ("llm", "model."), "lm_head.": ("llm", "lm_head."),
@@ -312,7 +318,7 @@ _LLAVA_LAYOUTS = (
 
 def _llava_layout(state: StateDict, source: str) -> _LlavaLayout:
     for layout in _LLAVA_LAYOUTS:
-        if any(k.startswith((layout.marker, "model." + layout.marker)) for k in state):
+        if any(k.startswith(layout.markers) for k in state):
             return layout
     raise ValueError(
         f"{source} is not a LLaVA checkpoint: no multimodal projector (multi_modal_projector.* or "
@@ -378,7 +384,3 @@ class PretrainedWeights:
         if self.projector is not None:
             load_projector(model.projector, self.projector)
         model.init_high_res_projections()
-
-    def __repr__(self) -> str:
-        given = {k: v for k, v in vars(self).items() if v is not None}
-        return f"PretrainedWeights({', '.join(f'{k}={v!r}' for k, v in given.items())})"

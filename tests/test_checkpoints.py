@@ -3,19 +3,26 @@ and checked against the reference forward passes. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import open_clip
 import pytest
+import sentencepiece
 import torch
 import yaml
 from safetensors.torch import save_file
+from test_data_tokenizer import llava_tokenizer_image_token
 
-from flexvlm.checkpoints import PretrainedWeights, load_clip_vision, load_llama_weights, load_llava, load_projector
+from flexvlm.checkpoints import (
+    PretrainedWeights, load_clip_vision, load_llama_weights, load_llava, load_projector, read_checkpoint,
+)
 from flexvlm.cli import main
 from flexvlm.constants import IMAGE_TOKEN_INDEX
+from flexvlm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from flexvlm.models.llm import LanguageModel, LlamaConfig
 from flexvlm.models.vision import OpenClipBackbone
 from flexvlm.models.vlm import FlexVLM
@@ -39,8 +46,8 @@ def _backbone(layer: int = -2, quick_gelu: bool = True) -> OpenClipBackbone:
     return OpenClipBackbone("ViT-B-16", layer=layer, model_kwargs={**OPEN_CLIP, "force_quick_gelu": quick_gelu})
 
 
-def _vlm(mode: str = "lr_only", pretrained: PretrainedWeights | None = None, **llm) -> FlexVLM:
-    return FlexVLM(_backbone(), llm="tiny", llm_overrides={**LLM, **llm}, mode=mode, num_sa_layers=1, zoom=1,
+def _vlm(mode: str = "lr_only", pretrained: PretrainedWeights | None = None) -> FlexVLM:
+    return FlexVLM(_backbone(), llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=1, zoom=1,
                    pretrained=pretrained).eval()
 
 
@@ -105,8 +112,8 @@ def hf(tmp_path_factory):
 
     torch.manual_seed(1)
     image = torch.randn(1, 3, IMAGE, IMAGE)
-    hf_ids = [t for t in PROMPT if t != IMAGE_TOKEN_INDEX]
-    hf_ids[PROMPT.index(IMAGE_TOKEN_INDEX):PROMPT.index(IMAGE_TOKEN_INDEX)] = [IMAGE_TOKEN] * (IMAGE // PATCH) ** 2
+    at = PROMPT.index(IMAGE_TOKEN_INDEX)  # transformers wants the image token once per image patch token
+    hf_ids = PROMPT[:at] + [IMAGE_TOKEN] * (IMAGE // PATCH) ** 2 + PROMPT[at + 1:]
     with torch.no_grad():
         logits = llava(input_ids=torch.tensor([hf_ids]), pixel_values=image).logits
     return dict(root=root, llava=llava, llama=llama, image=image, logits=logits)
@@ -169,6 +176,19 @@ def test_llama_folder_logits_match_transformers(hf, folder):
     assert (got - expected).abs().max() < 1e-4
 
 
+def test_tied_embeddings_saved_once(tmp_path):
+    config = transformers.LlamaConfig(**HF_TEXT, tie_word_embeddings=True)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    _randomise(reference)
+    reference.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in read_checkpoint(tmp_path)
+    llm = LanguageModel(LlamaConfig(**LLM, tie_word_embeddings=True)).eval()
+    load_llama_weights(llm, tmp_path)
+    ids = torch.randint(0, LLM["vocab_size"], (1, 6))
+    with torch.no_grad():
+        assert (llm.logits(llm(llm.embed(ids))) - reference(ids).logits).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------- CLIP vision tower
 
 
@@ -229,7 +249,8 @@ def test_missing_and_mis_shaped_tensors_are_listed(hf, tmp_path):
     with pytest.raises(ValueError, match=r"missing \(1\):\s+model\.layers\.1\.mlp\.up_proj\.weight \(64, 32\)"):
         load_llama_weights(LanguageModel(LlamaConfig(**LLM)), tmp_path)
     narrow = LanguageModel(LlamaConfig(**{**LLM, "intermediate_size": 48}))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: checkpoint \(64, 32\) vs model \(48, 32\)"):
+    mis_shaped = r"model\.layers\.0\.mlp\.up_proj\.weight: checkpoint \(64, 32\) vs model \(48, 32\)"
+    with pytest.raises(ValueError, match=mis_shaped):
         load_llama_weights(narrow, hf["root"] / "llama")
 
 
@@ -248,12 +269,16 @@ def test_config_mismatches_that_no_shape_shows(hf):
         load_clip_vision(_backbone(quick_gelu=False), root / "clip")
     model = _vlm()
     model.encoder.backbone = _backbone(layer=-1)
-    with pytest.raises(ValueError, match="feature layer -2 of a 3-block tower is block 1, the backbone returns block 2"):
+    with pytest.raises(ValueError, match="layer -2 of a 3-block tower is block 1, the backbone returns block 2"):
         load_llava(model, root / "llava-hf")
 
 
-def test_layout_errors(hf):
+def test_layout_errors(hf, tmp_path):
     root = hf["root"]
+    state = read_checkpoint(root / "llava-hf")
+    save_file({**state, "image_newline": torch.zeros(32)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no known part:\s+unclaimed \(1\):\s+image_newline \(32,\)"):
+        load_llava(_vlm(), tmp_path)
     with pytest.raises(ValueError, match="holds no vision tower.*clip-vit-large-patch14-336"):
         load_llava(_vlm(), root / "llava-original")
     with pytest.raises(ValueError, match="not a LLaVA checkpoint"):
@@ -269,7 +294,8 @@ def test_layout_errors(hf):
 # ---------------------------------------------------------------- the paper's config
 
 
-def test_paper_config_parses_without_building_the_model(capsys):
+def test_paper_config_parses_without_building_the_model(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["flexvlm"])  # the CLI gets its arguments from `args` alone
     config = ROOT / "experiments" / "paper" / "llava-1.5-7b-flexattn.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
@@ -281,3 +307,96 @@ def test_paper_config_parses_without_building_the_model(capsys):
     assert model["backbone"]["init_args"]["model_name"] == "ViT-L-14-336-quickgelu"
     assert model["pretrained"]["class_path"] == "flexvlm.checkpoints.PretrainedWeights"
     assert printed["trainer"]["strategy"] == "deepspeed_stage_3"
+
+
+# ---------------------------------------------------------------- tokenizer folders
+
+CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "What is the colour of the sky? It is blue, and the grass is green.",
+    "Describe the image in detail. There are two cats on a red sofa.",
+] * 10
+TEXTS = [
+    "What is the colour of the sky?",
+    "  two cats</s>on a sofa",  # leading spaces, a special token inside the text
+    "cats </s> <s>on<unk>",
+    "Zebra! unseen wörds 123 🙂",  # byte fallback, split digits
+    "\nline two\n",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_folder(tmp_path_factory):
+    """A LLaMA-like sentencepiece model (BPE, byte fallback, <unk>=0 <s>=1 </s>=2), trained here."""
+    folder = tmp_path_factory.mktemp("sp")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return folder
+
+
+def _slow_llama_tokenizer(folder: Path):
+    """transformers' sentencepiece ("slow") tokenizer in legacy mode, the LlamaTokenizer LLaVA-1.5
+    trained with; transformers 5 keeps it as the generic sentencepiece backend."""
+    backend = pytest.importorskip("transformers.tokenization_utils_sentencepiece")
+    return backend.SentencePieceBackend(vocab_file=str(folder / "tokenizer.model"), legacy=True, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", special_tokens_pattern="bos")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_sentencepiece_tokenizer_matches_slow_llama_tokenizer(sp_folder, text):
+    reference = _slow_llama_tokenizer(sp_folder)
+    tok = load_tokenizer(sp_folder)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert tok.encode(text) == reference(text, add_special_tokens=False).input_ids
+
+
+def test_sentencepiece_special_ids(sp_folder, tmp_path):
+    reference = _slow_llama_tokenizer(sp_folder)
+    tok = SentencePieceTokenizer(sp_folder / "tokenizer.model")
+    assert (tok.bos_id, tok.eos_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert tok.pad_id == reference.unk_token_id  # no pad token: LLaVA pads with unk
+    assert tok.vocab_size == len(reference)
+    shutil.copy(sp_folder / "tokenizer.model", tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "</s>"}}))
+    assert SentencePieceTokenizer(tmp_path).pad_id == reference.eos_token_id
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
+    with pytest.raises(ValueError, match="<bos>"):
+        SentencePieceTokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("prompt", ["<image>\nWhat is the colour of the sky?", "Describe<image>the image", "no image"])
+def test_sentencepiece_image_placeholder_matches_llava(sp_folder, prompt):
+    reference = _slow_llama_tokenizer(sp_folder)
+    tok = load_tokenizer(sp_folder)
+    # LLaVA's function keeps the BOS that the tokenizer adds; ours adds none
+    assert [tok.bos_id] + tok.encode(prompt) == llava_tokenizer_image_token(prompt, reference)
+
+
+def test_sentencepiece_offsets_and_decode(sp_folder):
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_folder / "tokenizer.model"))
+    tok = load_tokenizer(sp_folder)
+    text = "What is the sky? It is blue é🙂"
+    ids, offsets = tok.encode_with_offsets(text)
+    for i, (s, e) in zip(ids, offsets):
+        if not sp.is_byte(i) and s < e:
+            assert text[s:e] == sp.id_to_piece(i).replace("▁", " ")
+    # every byte of a multi-byte character spans that character, so labels never split it
+    k = text.index("é")
+    assert [span for i, span in zip(ids, offsets) if sp.is_byte(i)] == [(k, k + 1)] * 2 + [(k + 1, k + 2)] * 4
+    noisy = [tok.bos_id, *ids, IMAGE_TOKEN_INDEX, tok.eos_id, tok.vocab_size + 3]
+    assert tok.decode(noisy) == text
+
+
+def test_load_tokenizer_prefers_tokenizer_json(sp_folder, tmp_path):
+    transformers.AutoTokenizer.from_pretrained(sp_folder).save_pretrained(tmp_path)
+    shutil.copy(sp_folder / "tokenizer.model", tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), HFTokenizer)
+    assert isinstance(load_tokenizer(tmp_path / "tokenizer.model"), SentencePieceTokenizer)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model in .*empty"):
+        load_tokenizer(tmp_path / "empty")

@@ -8,9 +8,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from flexvlm.data.collate import VQACollator
 from flexvlm.data.image import CLIP_MEAN, CLIP_STD, load_image, preprocess_image
+from flexvlm.data.sampler import ResumableSampler
 from flexvlm.data.synthetic import WORDS, SyntheticVQA
 from flexvlm.data.templates import ChatTemplate, PlainTemplate, VicunaV1Template
-from flexvlm.data.tokenizer import HFTokenizer, Tokenizer, WordTokenizer
+from flexvlm.data.tokenizer import Tokenizer, WordTokenizer, load_tokenizer
 
 Triple = tuple[float, float, float]
 
@@ -67,7 +68,7 @@ class _VQADataModule(L.LightningDataModule):
 
     def __init__(
         self, tokenizer: Tokenizer, template: ChatTemplate, batch_size: int,
-        eval_batch_size: int | None, num_workers: int,
+        eval_batch_size: int | None, num_workers: int, seed: int = 0,
     ) -> None:
         super().__init__()
         self.tokenizer, self.template = tokenizer, template
@@ -76,6 +77,9 @@ class _VQADataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.collator = VQACollator(tokenizer, template)
         self.splits: dict[str, Dataset] = {}
+        self.seed = seed
+        self.train_sampler: ResumableSampler | None = None
+        self._resume_state: dict | None = None
 
     def _dataset(self, split: str) -> Dataset | None:
         raise NotImplementedError
@@ -88,14 +92,29 @@ class _VQADataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         if split not in self.splits:
             return []  # Lightning skips a loop whose dataloader list is empty
+        sampler = None
+        if shuffle:
+            sampler = self.train_sampler = ResumableSampler(len(self.splits[split]), self.seed)
+            if self._resume_state is not None:
+                sampler.resume(**self._resume_state)
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collator,
         )
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where the training epoch stood, in samples."""
+        if self.trainer is None or self.train_sampler is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"epoch": self.trainer.current_epoch, "samples_done": done * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_state = state or None
 
     def train_dataloader(self) -> DataLoader | list:
         return self._loader("train", shuffle=True)
@@ -128,7 +147,7 @@ class SyntheticVQADataModule(_VQADataModule):
         mean: Triple = (0.5, 0.5, 0.5),
         std: Triple = (0.5, 0.5, 0.5),
     ) -> None:
-        super().__init__(WordTokenizer(WORDS), PlainTemplate(), batch_size, eval_batch_size, num_workers)
+        super().__init__(WordTokenizer(WORDS), PlainTemplate(), batch_size, eval_batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 
@@ -157,9 +176,10 @@ class LlavaDataModule(_VQADataModule):
         mean: Triple = CLIP_MEAN,
         std: Triple = CLIP_STD,
         template: ChatTemplate | None = None,
+        seed: int = 0,
     ) -> None:
         template = template or VicunaV1Template()
-        super().__init__(HFTokenizer(tokenizer_path), template, batch_size, eval_batch_size, num_workers)
+        super().__init__(load_tokenizer(tokenizer_path), template, batch_size, eval_batch_size, num_workers, seed)
         self.save_hyperparameters(ignore=["template"])
         self.files = {"train": train_json, "val": val_json, "test": test_json}
 

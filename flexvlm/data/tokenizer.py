@@ -204,7 +204,8 @@ class SentencePieceTokenizer(_PlaceholderTokenizer):
 
     def decode(self, ids: list[int]) -> str:
         special = set(self._special_ids.values())
-        return self._sp.decode([i for i in ids if i >= 0 and i not in special])
+        # a model's embedding table may be larger than the vocabulary: its extra ids are dropped
+        return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size and i not in special])
 
 
 def load_tokenizer(path: str | Path) -> HFTokenizer | SentencePieceTokenizer:

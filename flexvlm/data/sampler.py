@@ -1,0 +1,36 @@
+"""A shuffling sampler that a checkpoint can resume mid-epoch, so a resumed run sees exactly the
+batches an uninterrupted one would have."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """A permutation drawn from ``(seed, epoch)`` (Lightning calls ``set_epoch``), optionally started
+    ``skip`` indices in: the part of the epoch that was trained before the checkpoint."""
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # a skip only applies to the epoch it was saved in
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        self.epoch, self.skip = epoch, samples_done
+
+    def __len__(self) -> int:
+        # the full epoch, so that the trainer's epoch length stays the same after a resume
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[self.skip :].tolist()
+        self.skip = 0
+        return iter(order)

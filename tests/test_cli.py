@@ -1,0 +1,119 @@
+"""The command line on the built-in task: configs parse, every mode trains, runs resume exactly,
+DDP runs on CPU processes, and typos fail with the valid names."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from flexvlm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "configs" / "synthetic.yaml")
+EXPERIMENTS = sorted((ROOT / "experiments" / "synthetic").glob("*.yaml"))
+EVALUATIONS = sorted((ROOT / "experiments" / "synthetic" / "eval").glob("*.yaml"))
+
+
+def _small(tmp_path: Path, name: str = "run") -> list[str]:
+    """Shrinks the built-in task to seconds: 64 training samples (4 steps an epoch), 8 val / test."""
+    return [
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "v",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+        "--data.init_args.num_train", "64", "--data.init_args.batch_size", "16",
+        "--data.init_args.num_val", "8", "--data.init_args.num_test", "8", "--data.init_args.eval_batch_size", "8",
+    ]
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS + EVALUATIONS, ids=lambda p: p.stem)
+def test_shipped_yaml_parses(config, capsys):
+    stack = ["--config", BASE]
+    if config in EVALUATIONS:  # evaluations stack on the training config whose checkpoint they read
+        stack += ["--config", str(ROOT / "experiments" / "synthetic" / "flex_attention_ratio.yaml")]
+    subcommand = "test" if config in EVALUATIONS else "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, *stack, "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: flexvlm.models.vlm.FlexVLM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex_attn"])
+def test_fit_then_test_each_mode(mode, tmp_path):
+    config = ROOT / "experiments" / "synthetic" / f"{mode}.yaml"
+    main(["fit", "--config", BASE, "--config", str(config), *_small(tmp_path), "--trainer.max_steps", "2",
+          "--test_after_fit", "true"])
+    run = tmp_path / "run" / "v"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_questions"] == 8 and 0.0 <= metrics["test/accuracy"] <= 1.0
+    answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and {"question_id", "answer", "hr_fraction"} <= set(answers[0])
+    assert (run / "config.yaml").is_file()  # the resolved config is saved with the run
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    if mode == "flex_attn":
+        assert (run / "selections.png").is_file()
+        assert 0.0 < metrics["test/hr_fraction"] <= 1.0
+
+
+class Crash(L.Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
+    """8 steps in one go, against 8 steps that crash at step 5 and resume from the last checkpoint,
+    written at step 3: in the middle of an epoch (4 steps an epoch)."""
+    every_3_steps = tmp_path / "checkpoint_every_3_steps.yaml"
+    every_3_steps.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args:\n        save_last: true\n        every_n_train_steps: 3\n"
+    )
+    common = ["--config", BASE, "--config", str(every_3_steps), "--trainer.max_steps", "8"]
+    straight = main(["fit", *common, *_small(tmp_path / "straight")])
+
+    cli = main([*common, *_small(tmp_path / "crashed")], run=False)
+    cli.trainer.callbacks.append(Crash(at_step=5))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    checkpoint = tmp_path / "crashed" / "run" / "v" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
+    resumed = main(["fit", *common, *_small(tmp_path / "crashed"), "--ckpt_path", str(checkpoint)])
+
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    expected = straight.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    command = [sys.executable, "-m", "flexvlm", "fit", "--config", BASE, *_small(tmp_path),
+               "--trainer.max_steps", "3", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--trainer.accelerator", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "v" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+
+
+def test_typos_fail_naming_the_valid_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", BASE, "--model.model.init_args.selction", "random"])
+    err = capsys.readouterr().err
+    assert "valid names here" in err and "selection" in err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", BASE, "--trainer.max_stepz", "3"])
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+
+
+def test_unknown_strategy_name_lists_the_registered_ones(tmp_path):
+    with pytest.raises(ValueError, match="valid names: .*attention.*center.*random"):
+        main(["--config", BASE, *_small(tmp_path), "--model.model.init_args.selection", "atention"], run=False)
