@@ -1,8 +1,11 @@
-# Each target creates .venv when missing and installs what it needs.
+# Each target creates .venv when it is missing and installs what it needs.
 PY := .venv/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
+SYNTHETIC := experiments/synthetic
+EVALS := "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_random.yaml" \
+         "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_center.yaml"
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow sweep bench clean
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -11,8 +14,9 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# the main job: train the default flex model on the built-in task, test it, draw its selections
 demo: .venv/installed
-	$(PY) -m flexvlm fit --config experiments/synthetic/flex_attn.yaml --run_test true
+	$(PY) -m flexvlm fit --config configs/synthetic.yaml --config $(SYNTHETIC)/flex_attn.yaml --test_after_fit true
 
 test: .venv/installed
 	$(PY) -m pytest -q
@@ -20,5 +24,14 @@ test: .venv/installed
 test-slow: .venv/installed
 	$(PY) -m pytest -q -m slow
 
+# every synthetic experiment at the same budget -> $(SYNTHETIC)/results/results.{csv,md}
+sweep: .venv/installed
+	$(PY) scripts/sweep.py $(SYNTHETIC) $(EVALS) --jobs 2 --out $(SYNTHETIC)/results \
+		--extra --trainer.max_steps 1200 --data.init_args.num_train 76800 --data.init_args.num_workers 1 \
+		--trainer.enable_progress_bar false
+
+bench: .venv/installed
+	$(PY) scripts/bench_modes.py
+
 clean:
-	rm -rf .venv lightning_logs runs
+	rm -rf .venv runs

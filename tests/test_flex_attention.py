@@ -80,7 +80,6 @@ def _run_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha, capture
     inputs = build_attention_inputs(*_rope(torch.arange(n).expand(b, n)), 0, key_valid)
     inputs.high_res = state
     inputs.probe = state.probe(rows, valid, frozenset({1}) if capture is not None else frozenset())
-    state.selection = None
     state.set_selection(row_sel.view(b, rows.shape[1], G_HR, G_HR), layer_idx=1)
     if capture is not None:
         inputs.probe.callback = lambda layer_idx, probs: capture.append((rows, valid, probs))

@@ -1,6 +1,7 @@
 """Selection strategies against hand-computed cases and a naive version of the release's rule."""
 
 import sys
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -157,3 +158,18 @@ def test_plugin_through_entry_point(tmp_path, monkeypatch):
     assert mask.sum() == 1 and mask[0, 0, 0, 0]
     assert set(SELECTION.names()) >= {"attention", "random", "center", "all", "none"}
     sys.modules.pop("my_plugin", None)
+
+
+def test_readme_plugin_example_runs():
+    """The strategy printed in the README works as the README says."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Writing a selection strategy", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 2, 1] = 1.0
+    mask = namespace["TopCell"]()(attn, _ctx(b=1))
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    expected[6:9, 3:6] = True
+    assert torch.equal(mask[0, 0], expected)

@@ -102,3 +102,19 @@ def test_high_res_projections_start_as_copies():
         attn = model.llm.layers[i].self_attn
         assert torch.equal(attn.k_hr_proj.weight, attn.k_proj.weight)
         assert torch.equal(attn.v_hr_proj.weight, attn.v_proj.weight)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    plain = _model("flex", high_res_grad=True)
+    checkpointed = _model("flex", high_res_grad=True, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    losses = []
+    for model in (plain, checkpointed):
+        model.train()
+        loss = model(**_batch()).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1])
+    grads = dict(checkpointed.named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-6), name

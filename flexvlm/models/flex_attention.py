@@ -82,7 +82,9 @@ class HighResState:
         self.lr_grid, self.hr_grid = lr_valid.shape[-1], hr_valid.shape[-1]
         self.strategy, self.dense, self.alpha = strategy, dense, alpha
         self.rows_valid: Tensor | None = None
-        self.selection: tuple[Tensor, Tensor] | None = None  # (B, R, K) indices, (B, R, K) valid
+        # layer -> (B, R, K) indices, (B, R, K) valid; kept per layer so that a layer recomputed by
+        # gradient checkpointing reads the selection it had in the forward pass
+        self.selections: dict[int, tuple[Tensor, Tensor]] = {}
         self.masks: dict[int, Tensor] = {}  # layer -> (B, R, G, G) selection masks of the last step
         self.row_fractions: dict[int, Tensor] = {}  # layer -> (B, R) fraction of the image's HR tokens
         self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -91,7 +93,7 @@ class HighResState:
         """The probe that feeds this state: rows (B, R) select, their maps at ``layers`` select for
         the layer after. Called once per forward step (prefill, then every decode step)."""
         self.rows_valid = valid
-        self.selection = None
+        self.selections = {}
         return RowProbe(rows=rows, valid=valid, layers=layers, callback=self.observe)
 
     def observe(self, layer_idx: int, probs: Tensor) -> None:
@@ -106,7 +108,7 @@ class HighResState:
         """(B, R, G, G) bool -> padded index lists; rows that are only padding select nothing."""
         mask = mask & self.rows_valid[:, :, None, None]
         idx, valid = selected_first(mask.flatten(2))
-        self.selection = (idx, valid)
+        self.selections[layer_idx] = (idx, valid)
         self.masks[layer_idx] = mask
         available = self.hr_valid.flatten(1).sum(-1).clamp(min=1).unsqueeze(-1)
         self.row_fractions[layer_idx] = valid.sum(-1) / available
@@ -123,9 +125,11 @@ class HighResState:
 
     def projected_kv(self, attn: "FlexAttention", needed: Tensor) -> tuple[Tensor, Tensor]:
         """(B, M, kv_heads, d) HR keys (with RoPE) and values of ``attn``'s layer; only the ``needed``
-        (B, M) tokens not projected before in this state are projected now, the rest is reused."""
+        (B, M) tokens not projected before in this state are projected now, the rest is reused.
+        Reuse is for inference (a generation's steps): under autograd every call projects afresh,
+        so that no cached tensor crosses a gradient-checkpointing boundary."""
         b, m, _ = self.features.shape
-        if attn.layer_idx not in self._kv:
+        if torch.is_grad_enabled() or attn.layer_idx not in self._kv:
             shape = (b, m, attn.num_kv_heads, attn.head_dim)
             empty = self.features.new_zeros(shape)
             self._kv[attn.layer_idx] = (empty, empty, needed.new_zeros(b, m))
@@ -189,7 +193,7 @@ class FlexAttention(Attention):
         state: HighResState,
     ) -> Tensor:
         scores, _ = self.probe_scores(q, k, inputs)  # (B, H, R, keys), causal + padding masked
-        if state.selection is not None:
+        if self.layer_idx in state.selections:
             out = self._hierarchical(q, v, scores, out, probe, state)
         if self.layer_idx in probe.layers:
             probe.callback(self.layer_idx, scores.softmax(-1))
@@ -198,7 +202,7 @@ class FlexAttention(Attention):
     def _hierarchical(
         self, q: Tensor, v: Tensor, scores: Tensor, out: Tensor, probe: RowProbe, state: HighResState
     ) -> Tensor:
-        idx, valid = state.selection
+        idx, valid = state.selections[self.layer_idx]
         b, h, r, keys = scores.shape
         k_buf, v_buf = state.projected_kv(self, _union(idx, valid, state.features.shape[1]))
         batch = torch.arange(b, device=idx.device)[:, None, None]

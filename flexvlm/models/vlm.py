@@ -67,11 +67,13 @@ class FlexVLM(nn.Module):
         zoom: int = 3,
         high_res_path: str = "crops",
         high_res_grad: bool = False,
+        gradient_checkpointing: bool = False,
         pretrained: PretrainedWeights | None = None,
     ) -> None:
         """``llm`` names a preset of ``LlamaConfig`` and ``llm_overrides`` changes its fields.
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
         (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends).
+        ``gradient_checkpointing`` recomputes decoder layers in the backward pass to save memory.
         ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' then copy them)."""
         super().__init__()
         if mode not in MODES:
@@ -81,6 +83,7 @@ class FlexVLM(nn.Module):
         self.encoder = DualPathEncoder(backbone, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad)
         self.projector = build_projector(projector, backbone.embed_dim, self.config.hidden_size)
         self.llm = LanguageModel(self.config)
+        self.llm.gradient_checkpointing = gradient_checkpointing
         num_layers = self.config.num_layers
         if num_sa_layers is None:
             num_sa_layers = 0 if mode == "xattn" else max(1, round(num_layers * 9 / 32))
