@@ -11,9 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
+from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
 from flexvlm.generate import generate
-from flexvlm.metrics import VQAAccuracy
 from flexvlm.models.vlm import FlexVLM, VLMOutput
 
 
@@ -29,6 +30,7 @@ class FlexVLMModule(L.LightningModule):
         alpha_warmup: float = 0.0,
         max_new_tokens: int = 8,
         stop_strings: list[str] | None = None,
+        eval_loss: bool = True,
     ) -> None:
         """
         Args:
@@ -42,6 +44,11 @@ class FlexVLMModule(L.LightningModule):
             alpha_warmup: fraction of training over which the answer rows' blend of plain and
                 hierarchical attention ramps from 0 to 1 (the release: 0.1); 0 disables it.
             max_new_tokens, stop_strings: generation at validation / test / predict time.
+            eval_loss: also log the loss of the reference answer at validation / test (one more
+                forward pass a batch).
+
+        Answers are scored by the datamodule's ``protocol`` (``flexvlm.evaluation``) if it has
+        one, else by ``GenerationVQA``.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["model", "aux_objective"])
@@ -49,8 +56,10 @@ class FlexVLMModule(L.LightningModule):
         self.aux_objective = aux_objective
         self.stop_strings = stop_strings or []
         self._freeze(freeze or [])
-        self.val_accuracy = VQAAccuracy()
-        self.test_accuracy = VQAAccuracy()
+        self.protocol: EvaluationProtocol = GenerationVQA()
+        # torchmetrics means rather than self.log(sync_dist=True): Lightning's synced mean floors the
+        # summed batch sizes, wrong when processes answered different numbers of questions
+        self.loss_mean, self.hr_fraction_mean = MeanMetric(), MeanMetric()
         self._test_records: list[dict[str, Any]] = []
 
     def _freeze(self, prefixes: list[str]) -> None:
@@ -125,12 +134,24 @@ class FlexVLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        protocol = getattr(self.trainer.datamodule, "protocol", None)
+        if protocol is not None:
+            self.protocol = protocol  # a submodule from here on, so the strategy moves its metric
+
+    def _from_datamodule(self, name: str) -> Any:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, name):
+            raise RuntimeError(f"evaluation needs a datamodule with a .{name}")
+        return getattr(datamodule, name)
+
     @property
     def tokenizer(self):
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "tokenizer"):
-            raise RuntimeError("generation needs a datamodule with a .tokenizer to decode answers")
-        return datamodule.tokenizer
+        return self._from_datamodule("tokenizer")
+
+    @property
+    def collator(self):
+        return self._from_datamodule("collator")
 
     def _decode(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens)
@@ -144,54 +165,64 @@ class FlexVLMModule(L.LightningModule):
                        max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_id)
         return [self._decode(t) for t in out.tokens], out.hr_fraction, out.prefill_masks
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, metric: VQAAccuracy) -> tuple[list[str], Tensor, dict]:
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> Scored:
         size = batch["input_ids"].shape[0]
-        out = self._forward(batch)
-        self.log(f"{stage}/loss", out.loss, batch_size=size, sync_dist=True)
-        answers, fraction, masks = self.answer(batch)
-        metric.update(answers, batch["answers"])
-        self.log(f"{stage}/accuracy", metric, prog_bar=True, batch_size=size)
+        if self.hparams.eval_loss:
+            self.loss_mean.update(self._forward(batch).loss, weight=size)
+            self.log(f"{stage}/loss", self.loss_mean, batch_size=size)
+        scored = self.protocol.score(self, batch)
         if self.model.mode == "flex":
-            self.log(f"{stage}/hr_fraction", fraction.mean(), prog_bar=True, batch_size=size, sync_dist=True)
-        return answers, fraction, masks
+            self.hr_fraction_mean.update(scored.hr_fraction)
+            self.log(f"{stage}/hr_fraction", self.hr_fraction_mean, prog_bar=True, batch_size=size)
+        return scored
+
+    def _log_scores(self, stage: str) -> dict[str, float]:
+        scores = {f"{stage}/{name}": value for name, value in self.protocol.compute().items()}
+        # compute() has already summed the metric over processes: sync_dist only averages equal values
+        self.log_dict(scores, prog_bar=True, sync_dist=True)
+        return {name: float(value) for name, value in scores.items()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self.protocol.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        answers, fraction, masks = self._evaluate(batch, "test", self.test_accuracy)
-        for i, answer in enumerate(answers):
-            self._test_records.append({
-                "question_id": batch["question_id"][i], "prompt": batch.get("question", [""] * len(answers))[i],
-                "answer": answer, "references": batch["answers"][i], "hr_fraction": float(fraction[i]),
-            })
-        return {"answers": answers, "masks": masks}
+        scored = self._evaluate(batch, "test")
+        self._test_records += scored.records
+        return {"answers": [r["answer"] for r in scored.records], "masks": scored.masks}
 
     def on_test_epoch_start(self) -> None:
+        self.protocol.reset()
         self._test_records = []
 
     def on_test_epoch_end(self) -> None:
         """answers.jsonl and metrics.json into the run folder (records gathered from every process)."""
-        records = self._test_records
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[list[dict]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        scores = self._log_scores("test")
+        records = gather_records(self._test_records)
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0 in DDP: every process must ask for it
+        if not self.trainer.is_global_zero or log_dir is None:
             return
-        folder = Path(self.trainer.log_dir)
+        folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "answers.jsonl", "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
+        # the scores logged just now reach callback_metrics only after this hook
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics |= scores
         metrics["num_questions"] = len(records)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         answers, fraction, masks = self.answer(batch)
+        prompts = prompt_texts(batch, self.tokenizer)
         return [
-            {"question_id": batch["question_id"][i], "answer": a, "hr_fraction": float(fraction[i]),
-             "masks": {layer: m[i].cpu() for layer, m in masks.items()}}
+            {"question_id": batch["question_id"][i], "prompt": prompts[i], "answer": a,
+             "hr_fraction": float(fraction[i]), "masks": {layer: m[i].cpu() for layer, m in masks.items()}}
             for i, a in enumerate(answers)
         ]

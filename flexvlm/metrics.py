@@ -203,12 +203,16 @@ class VQAAccuracy(_MeanScore):
         self._add([vqa_soft_score(p, refs) for p, refs in zip(preds, targets, strict=True)])
 
 
+def exact_match(pred: str, target: str) -> bool:
+    """Equal after ``normalize_answer``."""
+    return normalize_answer(pred) == normalize_answer(target)
+
+
 class ExactMatchAccuracy(_MeanScore):
     """Fraction of predictions equal to their target after ``normalize_answer``."""
 
     def update(self, preds: list[str], targets: list[str]) -> None:
-        self._add([normalize_answer(p) == normalize_answer(t)
-                   for p, t in zip(preds, targets, strict=True)])
+        self._add([exact_match(p, t) for p, t in zip(preds, targets, strict=True)])
 
 
 class MultipleChoiceAccuracy(_MeanScore):
@@ -232,7 +236,8 @@ class LikelihoodChoiceAccuracy(_MeanScore):
 _YES_NO = {"yes", "no"}
 
 
-def _yes_no_correct(pred: str, target: str) -> bool:
+def yes_no_correct(pred: str, target: str) -> bool:
+    """RSVQA scoring of one answer."""
     # Yes/no targets compare the first word of the normalised response ("Yes, there is." ->
     # "yes"); any other target (count, area) needs the whole normalised answer ("three" == "3").
     pred, target = normalize_answer(pred), normalize_answer(target)
@@ -268,7 +273,7 @@ class YesNoAccuracy(Metric):
             if qtype not in self.qtypes:
                 raise ValueError(f"unknown question type {qtype!r}; expected one of {self.qtypes}")
             i = self.qtypes.index(qtype)
-            correct[i] += _yes_no_correct(pred, target)
+            correct[i] += yes_no_correct(pred, target)
             total[i] += 1
         self.correct += torch.tensor(correct, device=self.correct.device)
         self.total += torch.tensor(total, device=self.total.device)

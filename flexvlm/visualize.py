@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -9,6 +11,9 @@ import lightning as L
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+from flexvlm.constants import IMAGE_PLACEHOLDER
+from flexvlm.evaluation import gather_records
 
 PANEL = 192  # pixels per panel side
 CAPTION = 14  # pixels of text above each row
@@ -78,10 +83,49 @@ class SelectionPictures(L.Callback):
             self.rows.append({"image": batch["images"][i].cpu(), "masks": masks, "caption": caption})
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.rows or not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a broadcast from rank 0 in DDP: every process must ask for it
+        if not self.rows or not trainer.is_global_zero or log_dir is None:
             return
         backbone = pl_module.model.encoder.backbone
-        path = Path(trainer.log_dir) / self.filename
+        path = Path(log_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         selection_grid(self.rows, backbone.mean, backbone.std).save(path)
         print(f"selected high-res regions drawn in {path}")
+
+
+class PredictionPictures(L.Callback):
+    """During ``predict``, writes into ``<run folder>/<folder>`` one PNG per image (the image, then
+    one panel per FA layer with the high-res tokens selected at the prompt's end) and, beside the
+    folder, ``predictions.jsonl`` (question_id, prompt, answer, hr_fraction, picture)."""
+
+    def __init__(self, folder: str = "predictions") -> None:
+        self.folder = folder
+        self.records: list[dict[str, Any]] = []
+        self.log_dir = Path(".")
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.records = []
+        # asked once here, where every process is: trainer.log_dir is a broadcast in DDP, and the
+        # processes may run different numbers of batches
+        self.log_dir = Path(trainer.log_dir)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        folder = self.log_dir / self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        backbone = pl_module.model.encoder.backbone
+        for i, out in enumerate(outputs):
+            name = re.sub(r"[^\w.-]", "_", str(out["question_id"])) + ".png"  # V* ids hold a "/"
+            question = " ".join(out["prompt"].replace(IMAGE_PLACEHOLDER, "").split())  # one caption line
+            caption = f"{question} -> {out['answer']}"
+            row = {"image": batch["images"][i].cpu(), "masks": out["masks"], "caption": caption}
+            selection_grid([row], backbone.mean, backbone.std).save(folder / name)
+            record = {k: v for k, v in out.items() if k != "masks"}
+            self.records.append(record | {"picture": f"{self.folder}/{name}"})
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        records = gather_records(self.records)
+        if not trainer.is_global_zero:
+            return
+        path = self.log_dir / "predictions.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"{len(records)} predictions and pictures of the selected high-res regions in {path.parent}")

@@ -8,7 +8,9 @@ Each entry is one YAML, or several joined by '+' that stack in that order on top
 An entry whose files set ``ckpt_path`` is evaluated (``test``); any other is trained and then
 tested (``fit --test_after_fit true``). Every run goes into ``<logger save_dir>/<name>/sweep``,
 so an evaluation entry can name a checkpoint of a training entry run before it. After each run the
-script counts the FLOPs of a whole greedy generation per sample on the first test batch.
+script counts the FLOPs of a whole greedy generation per sample on the first test batch. A run
+whose folder already holds its metrics is not trained again (unless ``--rerun``), so an
+interrupted sweep picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,28 +68,40 @@ def cli_args(base: str, files: list[str], extra: list[str]) -> list[str]:
     return args + ["--trainer.logger.init_args.version", VERSION, *extra]
 
 
+def run_folder(base: str, files: list[str]) -> Path:
+    """<save_dir>/<name>/sweep of the stacked configs' logger."""
+    logger: dict = {}
+    for file in [base, *files]:
+        config = yaml.safe_load(Path(file).read_text()) or {}
+        logger.update(config.get("trainer", {}).get("logger", {}).get("init_args", {}))
+    return Path(logger["save_dir"]) / logger["name"] / VERSION
+
+
 def run(files: list[str], args: argparse.Namespace, threads: int) -> dict:
+    label = "+".join(Path(f).stem for f in files)
+    folder = run_folder(args.base, files)
+    if (folder / "metrics.json").is_file() and not args.rerun:
+        print(f"[sweep] {label}: finished before in {folder}, reused (--rerun trains again)", flush=True)
+        return summarise(files, label, args)
     subcommand = "test" if is_evaluation(files) else "fit"
     command = [sys.executable, "-m", "flexvlm", subcommand, *cli_args(args.base, files, args.extra)]
     if subcommand == "fit":
         command += ["--test_after_fit", "true"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    label = "+".join(Path(f).stem for f in files)
     log = Path(args.out) / "logs" / f"{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {label}: {' '.join(command)}", flush=True)
-    start = time.time()
     with open(log, "w") as f:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.time() - start
     if code != 0:
         print(f"[sweep] {label} FAILED (exit {code}), see {log}", flush=True)
-        return {"config": label, "wall_s": round(wall)}
-    return summarise(files, label, wall, args)
+        return {"config": label}
+    return summarise(files, label, args)
 
 
-def summarise(files: list[str], label: str, wall: float, args: argparse.Namespace) -> dict:
-    """Metrics of the finished run, and FLOPs per sample of its model on the first test batch."""
+def summarise(files: list[str], label: str, args: argparse.Namespace) -> dict:
+    """Metrics of the finished run, and FLOPs per sample of its model on the first test batch.
+    Wall time: from the run's saved config (written as it starts) to its metrics (written last)."""
     ckpt = checkpoint_of(files)
     with tempfile.TemporaryDirectory() as tmp:
         # ckpt_path belongs to a subcommand: the parser built without one (run=False) rejects it
@@ -103,6 +116,7 @@ def summarise(files: list[str], label: str, wall: float, args: argparse.Namespac
             cli = cli_main(cli_args(args.base, [str(p) for p in stripped], args.extra), run=False)
     log_dir = Path(cli.trainer.log_dir)
     metrics = json.loads((log_dir / "metrics.json").read_text())
+    wall = (log_dir / "metrics.json").stat().st_mtime - (log_dir / "config.yaml").stat().st_mtime
     ckpt = ckpt or log_dir / "checkpoints" / "last.ckpt"
     cli.model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
     cli.datamodule.setup("test")
@@ -137,6 +151,7 @@ def main() -> None:
     parser.add_argument("--base", default="configs/synthetic.yaml", help="config every entry stacks on")
     parser.add_argument("--out", default="runs/sweep", help="folder for results.csv / results.md and logs")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once (evaluations wait for them)")
+    parser.add_argument("--rerun", action="store_true", help="train again runs that finished before")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run")
     args = parser.parse_args()
     runs = expand(args.entries)

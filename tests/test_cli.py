@@ -1,6 +1,7 @@
 """The command line on the built-in task: configs parse, every mode trains, runs resume exactly,
 DDP runs on CPU processes, and typos fail with the valid names."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -117,3 +118,34 @@ def test_typos_fail_naming_the_valid_options(capsys):
 def test_unknown_strategy_name_lists_the_registered_ones(tmp_path):
     with pytest.raises(ValueError, match="valid names: .*attention.*center.*random"):
         main(["--config", BASE, *_small(tmp_path), "--model.model.init_args.selection", "atention"], run=False)
+
+
+def test_alpha_warmup_follows_training_progress_and_is_logged(tmp_path):
+    main(["fit", "--config", BASE, *_small(tmp_path), "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
+          "--model.alpha_warmup", "0.5"])
+    rows = list(csv.DictReader(open(tmp_path / "run" / "v" / "metrics.csv")))
+    logged = {int(r["step"]): r for r in rows if r.get("train/alpha")}
+    # alpha = step / (0.5 * 4 steps), capped at 1
+    assert [float(logged[s]["train/alpha"]) for s in range(4)] == [0.0, 0.5, 1.0, 1.0]
+    for column in ("train/loss", "train/lr", "train/hr_fraction/layer1", "train/hr_fraction/layer2"):
+        assert logged[3][column] != "", column
+
+
+def test_strategy_from_outside_the_package_by_class_path(tmp_path, monkeypatch):
+    (tmp_path / "my_strategies.py").write_text(
+        "import torch\n"
+        "from flexvlm.selection import SelectionStrategy\n\n"
+        "class FirstRow(SelectionStrategy):\n"
+        "    def select(self, attn_map, ctx):\n"
+        "        mask = torch.zeros(*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid, dtype=torch.bool)\n"
+        "        mask[..., 0, :] = True\n"
+        "        return mask\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli = main(["--config", BASE, *_small(tmp_path), "--model.model.init_args.selection.class_path",
+                "my_strategies.FirstRow"], run=False)
+    assert type(cli.model.model.selection).__name__ == "FirstRow"
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    out = cli.model.model(batch["input_ids"], batch["attention_mask"], batch["images"], labels=batch["labels"])
+    assert all(abs(float(f) - 12 / 144) < 1e-6 for f in out.selected_fraction.values())
