@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,9 +63,10 @@ def is_evaluation(files: list[str]) -> bool:
 
 
 def cli_args(base: str, files: list[str], extra: list[str]) -> list[str]:
-    args = ["--config", base]
+    # absolute paths: jsonargparse changes into a config's folder while it reads it
+    args = ["--config", str(Path(base).resolve())]
     for file in files:
-        args += ["--config", file]
+        args += ["--config", str(Path(file).resolve())]
     return args + ["--trainer.logger.init_args.version", VERSION, *extra]
 
 
@@ -99,7 +101,15 @@ def run(files: list[str], args: argparse.Namespace, threads: int) -> dict:
     return summarise(files, label, args)
 
 
+SUMMARY_LOCK = threading.Lock()  # building a CLI changes the working folder: one at a time
+
+
 def summarise(files: list[str], label: str, args: argparse.Namespace) -> dict:
+    with SUMMARY_LOCK:
+        return _summarise(files, label, args)
+
+
+def _summarise(files: list[str], label: str, args: argparse.Namespace) -> dict:
     """Metrics of the finished run, and FLOPs per sample of its model on the first test batch.
     Wall time: from the run's saved config (written as it starts) to its metrics (written last)."""
     ckpt = checkpoint_of(files)
