@@ -58,7 +58,6 @@ def test_high_res_projection_of_a_token_happens_once_per_layer():
     model = _model("flex")
     ids, mask, images = _prompts()
     projected = {i: [] for i in model.flex_layers}
-    seen = {i: set() for i in model.flex_layers}
     for i in model.flex_layers:
         attn: FlexAttention = model.llm.layers[i].self_attn
         attn.k_hr_proj.register_forward_hook(lambda mod, inp, out, i=i: projected[i].append(inp[0]))

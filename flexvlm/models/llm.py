@@ -11,7 +11,7 @@ hand them to a callback, and it passes an opaque ``high_res`` state to its atten
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -53,9 +53,6 @@ class LlamaConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown LLM preset {name!r}; valid presets: {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -130,10 +127,6 @@ class KVCache:
         self.layers[layer_idx] = (k, v)
         return k, v
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep only the batch rows in ``index`` (e.g. drop finished sequences)."""
-        self.layers = {i: (k[index], v[index]) for i, (k, v) in self.layers.items()}
-
 
 @dataclass
 class RowProbe:
@@ -161,7 +154,6 @@ class AttentionInputs:
     sdpa_mask: Tensor | None  # (B, 1, N, keys) bool for SDPA; None: plain causal
     probe: RowProbe | None = None
     high_res: Any = None  # the state FlexAttention layers read; plain layers ignore it
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def causal_key_mask(rows: Tensor, past_len: int, key_valid: Tensor | None, num_keys: int) -> Tensor:
