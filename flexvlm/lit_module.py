@@ -35,8 +35,9 @@ class FlexVLMModule(L.LightningModule):
         """
         Args:
             model: the VLM.
-            aux_objective: optional extra loss on the vision tokens, ``(lr_tokens, hr_tokens, batch)
-                -> loss`` (the built-in task's dense objective, standing in for a pre-trained tower).
+            aux_objective: optional extra loss, ``(lr_tokens, hr_tokens, batch, selection_maps) ->
+                loss`` with ``selection_maps`` as in ``VLMOutput`` (the built-in task's dense
+                objective, standing in for a pre-trained tower and a pre-trained LLM's grounding).
             lr, weight_decay, warmup_ratio: AdamW with linear warm-up then cosine decay to zero
                 (the paper: 2e-5, 0, 0.03).
             freeze: parameter-name prefixes to freeze (e.g. ``encoder.backbone``); a prefix that
@@ -90,7 +91,7 @@ class FlexVLMModule(L.LightningModule):
         encoder = self.model.encoder
         lr = out.lr_features if out.lr_features is not None else encoder.encode_low_res(batch["images"])
         hr = out.hr_features if out.hr_features is not None else encoder.encode_high_res(batch["images"])
-        return self.aux_objective(lr, hr, batch)
+        return self.aux_objective(lr, hr, batch, out.selection_maps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         alpha = self.alpha

@@ -1,5 +1,5 @@
 """The synthetic task: determinism, layout rules, targets decoded back from the pixels,
-answer balance, what the low-res view keeps, and the auxiliary loss."""
+answer balance, what the low-res view keeps, and the auxiliary losses."""
 
 import math
 from collections import Counter
@@ -20,7 +20,9 @@ from flexvlm.data.synthetic import (
     SyntheticAuxLoss,
     SyntheticVQA,
     draw_scene,
+    grounding_loss,
     layout_tiles,
+    paint_glyph,
     render_sample,
 )
 
@@ -29,13 +31,11 @@ HR_GRID, LR_GRID, ZOOM, PATCH = 12, 4, 3, 8
 
 def decode_patch(patch: np.ndarray) -> tuple[int, int]:
     """Read an 8 x 8 HR patch from its pixels alone: (colour class, digit or IGNORE_INDEX)."""
-    ink = patch.max(axis=2) < 60
-    if (~ink).sum() < 16:
-        return 0, IGNORE_INDEX  # a dark clutter rectangle
-    paper = patch[~ink].mean(axis=0)
+    paper = np.median(patch.reshape(-1, 3), axis=0)
     if paper.max() - paper.min() < 60:
-        return 0, IGNORE_INDEX  # grey background
+        return 0, IGNORE_INDEX  # grey background or clutter
     colour = min(COLOUR_NAMES, key=lambda c: np.linalg.norm(paper - np.array(COLOURS[c])))
+    ink = np.abs(patch - paper).sum(axis=2) > 70  # fine print: >= 35 per channel away, either way
     glyph = ["".join("#" if v else "." for v in row) for row in ink[0:7, 1:6]]  # glyph box
     assert ink.sum() == sum(row.count("#") for row in glyph), "ink outside the glyph box"
     digit = [d for d, rows in GLYPHS.items() if list(rows) == glyph]
@@ -118,27 +118,79 @@ def test_answers_and_colours_are_balanced():
     assert Counter(len(s.tiles) for s in scenes).keys() == {2, 3, 4}
 
 
+def test_fine_print_averages_to_the_tile_colour():
+    colour = np.array([200.0, 55.0, 230.0])
+    for digit in range(10):
+        for polarity in (-1.0, 1.0):
+            patch = np.tile(colour, (PATCH, PATCH, 1))
+            paint_glyph(patch, digit, colour, polarity)
+            ink = np.abs(patch - colour).sum(axis=2) > 0
+            glyph = ["".join("#" if v else "." for v in row) for row in ink[0:7, 1:6]]
+            assert glyph == list(GLYPHS[digit]) and ink.sum() == sum(r.count("#") for r in glyph)
+            # each ink pixel sits min(48, c, 255 - c) above or below the colour, alternating
+            offsets = (patch[ink] - colour) / np.array([48.0, 48.0, 25.0])
+            assert np.allclose(np.abs(offsets), 1)
+            assert np.allclose(offsets[0], polarity) and np.allclose(offsets[1:] + offsets[:-1], 0)
+            # so the patch mean moves by at most one pixel's offset / 64
+            assert np.abs(patch.mean(axis=(0, 1)) - colour).max() <= 48 / 64 + 1e-9
+
+
+def _low_res(images: list) -> torch.Tensor:
+    """The model's low-res view (DualPathEncoder.encode_low_res's resize) of PIL images, in [0, 1]."""
+    hr = torch.stack([torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for v in images])
+    return F.interpolate(hr, size=(96 // ZOOM,) * 2, mode="bilinear", antialias=True, align_corners=False)
+
+
 def test_low_res_view_keeps_the_colour_blob_not_the_glyph():
-    """Average pooling by 3 (the 32 x 32 LR view) turns the 35-pixel glyph into at most 9 grey
-    values: the LR images of two samples that differ only in the digit are nearly identical
-    overall, while at HR the glyphs differ at full contrast."""
+    """Two images that differ only in the digit: at HR the glyphs differ at full contrast; in the
+    model's low-res view only a few pixels under the tile move, by up to ~20 grey levels with a
+    sign that depends on the glyph's random polarity (whether that is readable: the probe test)."""
     tiles = layout_tiles(np.random.default_rng(1), 96, PATCH, ZOOM, (4, 4))
     variants = [
         draw_scene([replace(tiles[0], digit=d), *tiles[1:]], 96, PATCH, np.random.default_rng(2))
         for d in range(10)
     ]
     hr = torch.stack([torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for v in variants])
-    lr = F.avg_pool2d(hr, ZOOM)
+    lr = _low_res(variants)
     for a in range(10):
         for b in range(a + 1, 10):
-            hr_diff, lr_diff = (hr[a] - hr[b]).abs(), (lr[a] - lr[b]).abs()
-            assert (hr_diff.amax(0) > 0.5).sum() >= 2  # HR: legible, distinct glyphs
-            assert lr_diff.mean() < 1 / 255  # LR: nearly identical images
-            assert (lr_diff.amax(0) > 1e-6).sum() <= 9  # only the blob's few pixels move
+            assert ((hr[a] - hr[b]).abs().amax(0) > 0.15).sum() >= 2  # HR: legible, distinct glyphs
+            lr_diff = (lr[a] - lr[b]).abs()
+            assert lr_diff.mean() < 0.1 / 255 and (lr_diff.amax(0) > 1 / 255).sum() <= 12
     # the colour blob survives: the LR pixel at the tile's centre keeps the tile's hue
     centre = lr[0][:, (tiles[0].row * PATCH + 4) // ZOOM, (tiles[0].col * PATCH + 4) // ZOOM]
     colour = torch.tensor(COLOURS[tiles[0].colour]) / 255
     assert F.cosine_similarity(centre - centre.mean(), colour - colour.mean(), dim=0) > 0.9
+
+
+def _probe_accuracy(pixels: torch.Tensor, digits: torch.Tensor, train: int) -> float:
+    """Ridge regression to one-hot digits from (N, 3, h, w) pixels and their distance to the
+    patch's median colour (which ignores the glyph's polarity), fitted on the first ``train``
+    rows, scored on the rest."""
+    deviation = (pixels - pixels.flatten(2).median(-1).values[..., None, None]).abs()
+    x = torch.cat([pixels.flatten(1), deviation.flatten(1), torch.ones(len(pixels), 1)], 1).double()
+    y = F.one_hot(digits, 10).double()
+    a, b = x[:train], y[:train]
+    weights = torch.linalg.solve(a.T @ a + 1e-2 * torch.eye(x.shape[1], dtype=x.dtype), a.T @ b)
+    return float((x[train:] @ weights).argmax(1).eq(digits[train:]).double().mean())
+
+
+def test_a_linear_probe_reads_the_digit_at_high_res_but_not_at_low_res():
+    """Given where the queried tile is, a linear probe reads its digit from the HR tile's pixels but
+    not from the pixels of its low-res cell (chance: 0.1). The solid black digits of the task's
+    first design gave 0.75 to an MLP probe on the low-res cell."""
+    scenes = [render_sample(7, i) for i in range(1500)]
+    lr = _low_res([s.image for s in scenes])
+    lr_cells, hr_tiles = [], []
+    for scene, small in zip(scenes, lr):
+        row, col = scene.query.row, scene.query.col
+        pixels = torch.from_numpy(np.array(scene.image)).permute(2, 0, 1).float() / 255
+        hr_tiles.append(pixels[:, row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH])
+        lr_cells.append(small[:, row // ZOOM * PATCH : (row // ZOOM + 1) * PATCH,
+                              col // ZOOM * PATCH : (col // ZOOM + 1) * PATCH])
+    digits = torch.tensor([s.query.digit for s in scenes])
+    assert _probe_accuracy(torch.stack(hr_tiles), digits, 1000) > 0.9
+    assert _probe_accuracy(torch.stack(lr_cells), digits, 1000) < 0.2
 
 
 def _batch(n: int) -> dict[str, torch.Tensor]:
@@ -172,3 +224,29 @@ def test_aux_loss_reads_targets_in_token_order():
     assert loss(lr_tokens, hr_tokens, batch).item() < 1e-6
     shifted = hr_tokens.roll(1, dims=1)
     assert loss(lr_tokens, shifted, batch).item() > 1.0  # misaligned rows cost
+
+
+def test_grounding_loss_is_hand_computed():
+    # two FA layers; the first selecting row's LR attention (2 x 2 grid), then a row it ignores
+    first = torch.tensor([[[[0.2, 0.2], [0.4, 0.0]], [[9.0, 9.0], [9.0, 9.0]]]])
+    second = torch.tensor([[[[0.1, 0.1], [0.1, 0.1]], [[0.0, 0.0], [0.0, 1.0]]]])
+    cell = torch.tensor([2])  # row 1, column 0
+    expected = (-math.log(0.4 / 0.8) - math.log(0.25)) / 2
+    assert grounding_loss({1: first, 2: second}, cell).item() == pytest.approx(expected, rel=1e-6)
+    # it reaches SyntheticAuxLoss only with a weight, and adds to the tower's terms
+    batch = {**_batch(1), "aux_query_cell": cell}
+    tokens = torch.randn(1, 16, 8), torch.randn(1, 144, 8)
+    plain = SyntheticAuxLoss(embed_dim=8)
+    grounded = SyntheticAuxLoss(embed_dim=8, grounding_weight=0.5)
+    grounded.load_state_dict(plain.state_dict())
+    assert plain(*tokens, batch, {1: first, 2: second}).item() == pytest.approx(plain(*tokens, batch).item())
+    assert grounded(*tokens, batch, {1: first, 2: second}).item() == pytest.approx(
+        plain(*tokens, batch).item() + 0.5 * expected, rel=1e-6)
+
+
+def test_query_cell_target_is_the_queried_tiles_low_res_cell():
+    dataset = SyntheticVQA(50, seed=6)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        cell = item["aux_query_cell"].item()
+        assert item["aux_lr_colour"][cell].item() == COLOUR_NAMES.index(item["question"]) + 1

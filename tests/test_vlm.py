@@ -118,3 +118,31 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     grads = dict(checkpointed.named_parameters())
     for name, p in plain.named_parameters():
         assert torch.allclose(p.grad, grads[name].grad, atol=1e-6), name
+
+
+class _Recording(AttentionSelection):
+    """Attention selection that keeps every map it was handed, per layer."""
+
+    def __init__(self):
+        super().__init__(top_k=1)
+        self.seen = {}
+
+    def select(self, attn_map, ctx):
+        self.seen[ctx.layer] = attn_map
+        return super().select(attn_map, ctx)
+
+
+def test_selection_maps_are_the_selecting_maps_with_their_gradient():
+    strategy = _Recording()
+    model = _model("flex", selection=strategy)
+    out = model(**_batch())
+    assert set(out.selection_maps) == set(strategy.seen) == {1, 2}
+    for layer, attn_map in out.selection_maps.items():
+        assert attn_map.shape == (2, 2, 4, 4)  # two answer rows per sample, 4 x 4 LR grid
+        assert torch.equal(attn_map.detach(), strategy.seen[layer]) and not strategy.seen[layer].requires_grad
+        # head-summed softmax rows: the mass on the LR tokens is at most the number of heads
+        assert bool((attn_map.sum((-1, -2)) <= LLM["num_heads"] + 1e-5).all())
+    # the map that selects for layer 1 is layer 0's attention: a loss on it trains layer 0 only
+    out.selection_maps[1][:, 0, 0, 0].sum().backward()
+    assert model.llm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.llm.layers[1].self_attn.q_proj.weight.grad is None

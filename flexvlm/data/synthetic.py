@@ -3,11 +3,12 @@
 A 96 x 96 image (zoom 3 -> 32 x 32 low-res view, patch 8 -> LR grid 4 x 4, HR grid 12 x 12) on a
 near-grey, blocky, noisy, cluttered background holds 2-4 tiles of distinct colours. Each tile is
 exactly one HR patch, aligned to the patch grid, at most one per LR cell (zoom x zoom HR patches),
-and carries a black 5 x 7 digit. Downsampled by 3, the colour blob stays visible but the 35-pixel
-glyph shrinks to at most 3 x 3 grey values inside one LR patch, so reading it is a job for the
-high-resolution tokens at the right place.
+and carries a 5 x 7 digit in fine print: its pixels alternate brighter and darker than the tile by
+the same amount, so they average to the tile's colour. Downsampling keeps the colour blob and all
+but erases the digit, so reading it is a job for the high-resolution tokens at the right place.
+
 Question: the colour word; answer: the digit. Every sample is a pure function of
-(seed, split, index). See docs/SYNTHETIC.md for the design's history.
+(seed, split, index). ``SyntheticAuxLoss`` holds the task's optional auxiliary objectives.
 """
 
 from collections.abc import Sequence
@@ -22,15 +23,17 @@ from torch import nn
 from flexvlm.constants import IGNORE_INDEX
 from flexvlm.data.image import preprocess_image
 
+# every channel in [55, 200], so the fine print has room above and below the tile colour
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 210),
-    "yellow": (225, 200, 40),
+    "red": (200, 55, 55),
+    "green": (55, 165, 70),
+    "blue": (55, 80, 200),
+    "yellow": (200, 185, 55),
 }
 COLOUR_NAMES = tuple(COLOURS)  # colour class c + 1 in the aux targets; 0 is background
 DIGITS = tuple(str(d) for d in range(10))
 WORDS = [*COLOUR_NAMES, *DIGITS]  # the WordTokenizer vocabulary of this task
+INK_CONTRAST = 48  # how far the fine print's pixels sit above / below the tile colour
 SPLITS = ("train", "val", "test")  # part of the random key, so splits never share a stream
 
 # 5 x 7 bitmaps, one string per row, "#" = ink
@@ -83,6 +86,17 @@ def _check_geometry(image_size: int, patch_size: int, zoom: int) -> None:
         raise ValueError("patch_size must be >= 7 to hold a 5 x 7 digit")
 
 
+def paint_glyph(patch: np.ndarray, digit: int, colour: np.ndarray, polarity: float) -> None:
+    """Write the digit into a tile's pixels (patch_size, patch_size, 3) in fine print: its pixels,
+    in raster order, sit alternately above and below the tile colour by the same amount (first
+    sign ``polarity``), so they average out in any downsampled view."""
+    mask = GLYPH_MASKS[digit]
+    top, left = (patch.shape[0] - 7) // 2, (patch.shape[1] - 5) // 2
+    signs = np.where(np.arange(mask.sum()) % 2 == 0, polarity, -polarity)
+    contrast = np.minimum(INK_CONTRAST, np.minimum(colour, 255 - colour))
+    patch[top : top + 7, left : left + 5][mask] = colour + signs[:, None] * contrast
+
+
 def layout_tiles(
     rng: np.random.Generator, image_size: int, patch_size: int, zoom: int, num_tiles: tuple[int, int]
 ) -> list[Tile]:
@@ -124,13 +138,14 @@ def draw_scene(
     corners = rng.integers(0, image_size - 1, (count, 2))
     for (height, width), (top, left), value in zip(sizes, corners, rng.uniform(40, 215, count)):
         canvas[top : top + height, left : left + width] = value
-    glyph_top, glyph_left = (patch_size - 7) // 2, (patch_size - 5) // 2
     for tile in tiles:
         colour = np.array(COLOURS[tile.colour]) + rng.uniform(-20, 20, size=3)
+        # a random polarity: what little of the glyph survives downsampling has a random sign
+        polarity = rng.choice([-1.0, 1.0])
         top, left = tile.row * patch_size, tile.col * patch_size
         patch = canvas[top : top + patch_size, left : left + patch_size]
         patch[:] = colour
-        patch[glyph_top : glyph_top + 7, glyph_left : glyph_left + 5][GLYPH_MASKS[tile.digit]] = 0
+        paint_glyph(patch, tile.digit, colour, polarity)
     canvas += 6 * rng.standard_normal(canvas.shape, dtype=np.float32)
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
 
@@ -156,10 +171,11 @@ def render_sample(
 
 
 def aux_targets(
-    tiles: Sequence[Tile], image_size: int, patch_size: int, zoom: int
+    tiles: Sequence[Tile], query: Tile, image_size: int, patch_size: int, zoom: int
 ) -> dict[str, torch.Tensor]:
     """Dense targets, row-major over the token grids: colour class (0 = background) of every
-    LR and HR token, digit of every HR tile token (IGNORE_INDEX elsewhere)."""
+    LR and HR token, digit of every HR tile token (IGNORE_INDEX elsewhere), and the LR cell of the
+    queried tile."""
     hr_grid = image_size // patch_size
     lr_grid = hr_grid // zoom
     lr_colour = torch.zeros(lr_grid * lr_grid, dtype=torch.long)
@@ -170,7 +186,9 @@ def aux_targets(
         lr_colour[tile.row // zoom * lr_grid + tile.col // zoom] = colour_class
         hr_colour[tile.row * hr_grid + tile.col] = colour_class
         hr_digit[tile.row * hr_grid + tile.col] = tile.digit
-    return {"aux_lr_colour": lr_colour, "aux_hr_colour": hr_colour, "aux_hr_digit": hr_digit}
+    query_cell = torch.tensor(query.row // zoom * lr_grid + query.col // zoom)
+    return {"aux_lr_colour": lr_colour, "aux_hr_colour": hr_colour, "aux_hr_digit": hr_digit,
+            "aux_query_cell": query_cell}
 
 
 class SyntheticVQA(torch.utils.data.Dataset):
@@ -221,26 +239,39 @@ class SyntheticVQA(torch.utils.data.Dataset):
             "answer": scene.answer,
             "answers": [scene.answer],
             "question_id": f"synthetic-{self.split}-{self.seed}-{index}",
-            **aux_targets(scene.tiles, self.image_size, self.patch_size, self.zoom),
+            **aux_targets(scene.tiles, scene.query, self.image_size, self.patch_size, self.zoom),
         }
 
 
 class SyntheticAuxLoss(nn.Module):
-    """Dense auxiliary loss on vision-backbone tokens, standing in for a pre-trained tower:
-    CE(colour of LR tokens) + CE(colour of HR tokens) + CE(digit of HR tile tokens), x weight."""
+    """Auxiliary losses of the built-in task, standing in for what the paper's model brings from
+    pre-training, so that small models trained from scratch learn the task in minutes:
 
-    def __init__(self, embed_dim: int, weight: float = 1.0) -> None:
+    - for the vision tower (x ``weight``): CE(colour of LR tokens) + CE(colour of HR tokens) +
+      CE(digit of HR tile tokens);
+    - for the decoder's grounding (x ``grounding_weight``, 0 = off): for every FA layer, CE of the
+      queried tile's LR cell under the LR attention that selected HR tokens for the first answer
+      row, averaged over FA layers. Selection is not differentiable, so nothing else teaches a
+      decoder trained from scratch where to look; a pre-trained LLM already knows.
+    """
+
+    def __init__(self, embed_dim: int, weight: float = 1.0, grounding_weight: float = 0.0) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight, self.grounding_weight = weight, grounding_weight
         self.lr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
         self.hr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
         self.hr_digit = nn.Linear(embed_dim, len(DIGITS))
 
     def forward(
-        self, lr_tokens: torch.Tensor, hr_tokens: torch.Tensor, batch: dict[str, torch.Tensor]
+        self,
+        lr_tokens: torch.Tensor,
+        hr_tokens: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        selection_maps: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """lr_tokens (B, N_lr, C), hr_tokens (B, N_hr, C) in the targets' row-major order."""
-        loss = (
+        """lr_tokens (B, N_lr, C), hr_tokens (B, N_hr, C) in the targets' row-major order;
+        selection_maps: FA layer -> (B, R, g, g) LR attention of the selecting rows (VLMOutput)."""
+        loss = self.weight * (
             F.cross_entropy(self.lr_colour(lr_tokens).flatten(0, 1), batch["aux_lr_colour"].flatten())
             + F.cross_entropy(self.hr_colour(hr_tokens).flatten(0, 1), batch["aux_hr_colour"].flatten())
             + F.cross_entropy(
@@ -249,4 +280,17 @@ class SyntheticAuxLoss(nn.Module):
                 ignore_index=IGNORE_INDEX,
             )
         )
-        return self.weight * loss
+        if self.grounding_weight and selection_maps:
+            loss = loss + self.grounding_weight * grounding_loss(selection_maps, batch["aux_query_cell"])
+        return loss
+
+
+def grounding_loss(selection_maps: dict[int, torch.Tensor], query_cell: torch.Tensor) -> torch.Tensor:
+    """Mean over FA layers of -log(share of the first selecting row's LR attention that falls on
+    the queried cell). selection_maps: layer -> (B, R, g, g); query_cell (B,) row-major LR cell."""
+    terms = []
+    for attn_map in selection_maps.values():
+        first_row = attn_map[:, 0].flatten(1).float()  # the row that predicts the answer's first token
+        share = first_row / first_row.sum(-1, keepdim=True).clamp(min=1e-12)
+        terms.append(F.nll_loss(share.clamp(min=1e-12).log(), query_cell))
+    return torch.stack(terms).mean()

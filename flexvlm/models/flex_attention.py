@@ -86,6 +86,9 @@ class HighResState:
         # gradient checkpointing reads the selection it had in the forward pass
         self.selections: dict[int, tuple[Tensor, Tensor]] = {}
         self.masks: dict[int, Tensor] = {}  # layer -> (B, R, G, G) selection masks of the last step
+        # layer -> (B, R, g, g) the head-summed low-res attention that selected for it, with its
+        # gradient (what a training objective on where the model looks needs)
+        self.maps: dict[int, Tensor] = {}
         self.row_fractions: dict[int, Tensor] = {}  # layer -> (B, R) fraction of the image's HR tokens
         self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
@@ -93,16 +96,17 @@ class HighResState:
         """The probe that feeds this state: rows (B, R) select, their maps at ``layers`` select for
         the layer after. Called once per forward step (prefill, then every decode step)."""
         self.rows_valid = valid
-        self.selections = {}
+        self.selections, self.maps = {}, {}
         return RowProbe(rows=rows, valid=valid, layers=layers, callback=self.observe)
 
     def observe(self, layer_idx: int, probs: Tensor) -> None:
         """Turn layer ``layer_idx``'s row attention (B, heads, R, keys) into the selection of layer + 1."""
         b, _, r, keys = probs.shape
         index = self.lr_index.unsqueeze(1).expand(b, r, -1)
-        attn_map = probs.detach().sum(1).gather(-1, index).view(b, r, self.lr_grid, self.lr_grid)
+        attn_map = probs.sum(1).gather(-1, index).view(b, r, self.lr_grid, self.lr_grid)
+        self.maps[layer_idx + 1] = attn_map
         ctx = SelectionContext(self.lr_grid, self.hr_grid, self.lr_valid, self.hr_valid, layer_idx + 1)
-        self.set_selection(self.strategy(attn_map, ctx), layer_idx + 1)
+        self.set_selection(self.strategy(attn_map.detach(), ctx), layer_idx + 1)
 
     def set_selection(self, mask: Tensor, layer_idx: int) -> None:
         """(B, R, G, G) bool -> padded index lists; rows that are only padding select nothing."""

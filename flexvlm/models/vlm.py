@@ -49,6 +49,7 @@ class VLMOutput:
     hr_features: Tensor | None
     selected_fraction: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> fraction of HR tokens
     selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, G, G)
+    selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, g, g), see HighResState.maps
     sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
 
 
@@ -220,6 +221,7 @@ class FlexVLM(nn.Module):
             logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
             selected_fraction=dict(state.selected_fraction) if state else {},
             selection_masks=dict(state.masks) if state else {},
+            selection_maps=dict(state.maps) if state else {},
             sample_fraction=state.sample_fraction() if state and state.row_fractions else None,
         )
 
