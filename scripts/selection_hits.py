@@ -4,6 +4,9 @@ selection strategies applied to the same checkpoint.
 
     python scripts/selection_hits.py experiments/synthetic/flex_attention_ratio.yaml \
         runs/synthetic/flex_attention_ratio/sweep/checkpoints/last.ckpt --num 500
+
+Any further arguments go to the CLI (e.g. ``--data.init_args.fine_print true`` to test on the
+task variant the checkpoint was trained on).
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ def main() -> None:
     parser.add_argument("experiment", help="the training YAML (stacked on configs/synthetic.yaml)")
     parser.add_argument("checkpoint")
     parser.add_argument("--num", type=int, default=500, help="test questions to look at")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
     with warnings.catch_warnings():  # LightningCLI warns that this script has its own argv
         warnings.simplefilter("ignore")
         cli = cli_main(["--config", "configs/synthetic.yaml", "--config", args.experiment,
                         "--trainer.logger.init_args.version", "selection_hits",
-                        "--data.init_args.num_test", str(args.num), "--data.init_args.eval_batch_size", str(args.num)],
+                        "--data.init_args.num_test", str(args.num), "--data.init_args.eval_batch_size", str(args.num),
+                        *overrides],
                        run=False)
     cli.model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     data = cli.datamodule

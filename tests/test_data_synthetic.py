@@ -35,7 +35,8 @@ def decode_patch(patch: np.ndarray) -> tuple[int, int]:
     if paper.max() - paper.min() < 60:
         return 0, IGNORE_INDEX  # grey background or clutter
     colour = min(COLOUR_NAMES, key=lambda c: np.linalg.norm(paper - np.array(COLOURS[c])))
-    ink = np.abs(patch - paper).sum(axis=2) > 70  # fine print: >= 35 per channel away, either way
+    # black ink, or fine print: 48 per channel away from the colour, either way
+    ink = np.abs(patch - paper).sum(axis=2) > 72
     glyph = ["".join("#" if v else "." for v in row) for row in ink[0:7, 1:6]]  # glyph box
     assert ink.sum() == sum(row.count("#") for row in glyph), "ink outside the glyph box"
     digit = [d for d, rows in GLYPHS.items() if list(rows) == glyph]
@@ -80,8 +81,9 @@ def test_item_fields_and_normalisation():
     assert item["aux_hr_digit"].dtype == torch.long and item["aux_hr_digit"].shape == (144,)
 
 
-def test_layout_rules_and_targets_decoded_from_pixels():
-    dataset = SyntheticVQA(150, seed=3)
+@pytest.mark.parametrize("fine_print", [False, True])
+def test_layout_rules_and_targets_decoded_from_pixels(fine_print):
+    dataset = SyntheticVQA(150, seed=3, fine_print=fine_print)
     offsets = set()
     for index in range(len(dataset)):
         item, scene = dataset[index], dataset.scene(index)
@@ -119,7 +121,7 @@ def test_answers_and_colours_are_balanced():
 
 
 def test_fine_print_averages_to_the_tile_colour():
-    colour = np.array([200.0, 55.0, 230.0])
+    colour = np.array([200.0, 55.0, 130.0])
     for digit in range(10):
         for polarity in (-1.0, 1.0):
             patch = np.tile(colour, (PATCH, PATCH, 1))
@@ -127,12 +129,14 @@ def test_fine_print_averages_to_the_tile_colour():
             ink = np.abs(patch - colour).sum(axis=2) > 0
             glyph = ["".join("#" if v else "." for v in row) for row in ink[0:7, 1:6]]
             assert glyph == list(GLYPHS[digit]) and ink.sum() == sum(r.count("#") for r in glyph)
-            # each ink pixel sits min(48, c, 255 - c) above or below the colour, alternating
-            offsets = (patch[ink] - colour) / np.array([48.0, 48.0, 25.0])
+            # each ink pixel sits 48 above or below the colour, alternating
+            offsets = (patch[ink] - colour) / 48
             assert np.allclose(np.abs(offsets), 1)
             assert np.allclose(offsets[0], polarity) and np.allclose(offsets[1:] + offsets[:-1], 0)
             # so the patch mean moves by at most one pixel's offset / 64
             assert np.abs(patch.mean(axis=(0, 1)) - colour).max() <= 48 / 64 + 1e-9
+    with pytest.raises(ValueError, match="fine print needs a colour"):
+        paint_glyph(np.zeros((PATCH, PATCH, 3)), 0, np.array([20.0, 100.0, 100.0]), 1.0)
 
 
 def _low_res(images: list) -> torch.Tensor:
@@ -141,13 +145,14 @@ def _low_res(images: list) -> torch.Tensor:
     return F.interpolate(hr, size=(96 // ZOOM,) * 2, mode="bilinear", antialias=True, align_corners=False)
 
 
-def test_low_res_view_keeps_the_colour_blob_not_the_glyph():
+@pytest.mark.parametrize("fine_print,max_mean", [(False, 1 / 255), (True, 0.1 / 255)])
+def test_low_res_view_keeps_the_colour_blob_not_the_glyph(fine_print, max_mean):
     """Two images that differ only in the digit: at HR the glyphs differ at full contrast; in the
-    model's low-res view only a few pixels under the tile move, by up to ~20 grey levels with a
-    sign that depends on the glyph's random polarity (whether that is readable: the probe test)."""
+    model's low-res view only a few pixels under the tile move (whether what moves is readable:
+    the probe test)."""
     tiles = layout_tiles(np.random.default_rng(1), 96, PATCH, ZOOM, (4, 4))
     variants = [
-        draw_scene([replace(tiles[0], digit=d), *tiles[1:]], 96, PATCH, np.random.default_rng(2))
+        draw_scene([replace(tiles[0], digit=d), *tiles[1:]], 96, PATCH, np.random.default_rng(2), fine_print)
         for d in range(10)
     ]
     hr = torch.stack([torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for v in variants])
@@ -156,7 +161,7 @@ def test_low_res_view_keeps_the_colour_blob_not_the_glyph():
         for b in range(a + 1, 10):
             assert ((hr[a] - hr[b]).abs().amax(0) > 0.15).sum() >= 2  # HR: legible, distinct glyphs
             lr_diff = (lr[a] - lr[b]).abs()
-            assert lr_diff.mean() < 0.1 / 255 and (lr_diff.amax(0) > 1 / 255).sum() <= 12
+            assert lr_diff.mean() < max_mean and (lr_diff.amax(0) > 1 / 255).sum() <= 12
     # the colour blob survives: the LR pixel at the tile's centre keeps the tile's hue
     centre = lr[0][:, (tiles[0].row * PATCH + 4) // ZOOM, (tiles[0].col * PATCH + 4) // ZOOM]
     colour = torch.tensor(COLOURS[tiles[0].colour]) / 255
@@ -175,11 +180,12 @@ def _probe_accuracy(pixels: torch.Tensor, digits: torch.Tensor, train: int) -> f
     return float((x[train:] @ weights).argmax(1).eq(digits[train:]).double().mean())
 
 
-def test_a_linear_probe_reads_the_digit_at_high_res_but_not_at_low_res():
-    """Given where the queried tile is, a linear probe reads its digit from the HR tile's pixels but
-    not from the pixels of its low-res cell (chance: 0.1). The solid black digits of the task's
-    first design gave 0.75 to an MLP probe on the low-res cell."""
-    scenes = [render_sample(7, i) for i in range(1500)]
+@pytest.mark.parametrize("fine_print", [False, True])
+def test_a_linear_probe_reads_the_digit_at_high_res_and_low_res_only_without_fine_print(fine_print):
+    """Given where the queried tile is, a linear probe reads its digit from the HR tile's pixels.
+    From the pixels of its low-res cell it reads most solid black digits (the default task leaks),
+    but not fine print (chance: 0.1)."""
+    scenes = [render_sample(7, i, fine_print=fine_print) for i in range(1500)]
     lr = _low_res([s.image for s in scenes])
     lr_cells, hr_tiles = [], []
     for scene, small in zip(scenes, lr):
@@ -190,7 +196,8 @@ def test_a_linear_probe_reads_the_digit_at_high_res_but_not_at_low_res():
                               col // ZOOM * PATCH : (col // ZOOM + 1) * PATCH])
     digits = torch.tensor([s.query.digit for s in scenes])
     assert _probe_accuracy(torch.stack(hr_tiles), digits, 1000) > 0.9
-    assert _probe_accuracy(torch.stack(lr_cells), digits, 1000) < 0.2
+    low_res = _probe_accuracy(torch.stack(lr_cells), digits, 1000)
+    assert low_res < 0.2 if fine_print else low_res > 0.25  # measured: 0.09 / 0.32
 
 
 def _batch(n: int) -> dict[str, torch.Tensor]:

@@ -144,6 +144,7 @@ class SyntheticVQADataModule(_VQADataModule):
         image_size: int = 96,
         zoom: int = 3,
         patch_size: int = 8,
+        fine_print: bool = False,
         mean: Triple = (0.5, 0.5, 0.5),
         std: Triple = (0.5, 0.5, 0.5),
     ) -> None:
@@ -155,7 +156,7 @@ class SyntheticVQADataModule(_VQADataModule):
         h = self.hparams
         return SyntheticVQA(
             self.sizes[split], h.seed, image_size=h.image_size, patch_size=h.patch_size,
-            zoom=h.zoom, split=split, mean=h.mean, std=h.std,
+            zoom=h.zoom, split=split, mean=h.mean, std=h.std, fine_print=h.fine_print,
         )
 
 

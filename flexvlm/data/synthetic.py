@@ -3,9 +3,11 @@
 A 96 x 96 image (zoom 3 -> 32 x 32 low-res view, patch 8 -> LR grid 4 x 4, HR grid 12 x 12) on a
 near-grey, blocky, noisy, cluttered background holds 2-4 tiles of distinct colours. Each tile is
 exactly one HR patch, aligned to the patch grid, at most one per LR cell (zoom x zoom HR patches),
-and carries a 5 x 7 digit in fine print: its pixels alternate brighter and darker than the tile by
-the same amount, so they average to the tile's colour. Downsampling keeps the colour blob and all
-but erases the digit, so reading it is a job for the high-resolution tokens at the right place.
+and carries a 5 x 7 digit. Downsampled by 3, the colour blob stays visible while the glyph shrinks
+to a few grey values. Solid black digits (the default) leave enough ink in those values for a probe
+that knows where the tile is to read most digits; ``fine_print=True`` draws each glyph pixel
+alternately brighter and darker than the tile, so the glyph averages out of the low-res view and
+reading it is a job for the high-resolution tokens alone.
 
 Question: the colour word; answer: the digit. Every sample is a pure function of
 (seed, split, index). ``SyntheticAuxLoss`` holds the task's optional auxiliary objectives.
@@ -23,12 +25,11 @@ from torch import nn
 from flexvlm.constants import IGNORE_INDEX
 from flexvlm.data.image import preprocess_image
 
-# every channel in [55, 200], so the fine print has room above and below the tile colour
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (200, 55, 55),
-    "green": (55, 165, 70),
-    "blue": (55, 80, 200),
-    "yellow": (200, 185, 55),
+    "red": (210, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 210),
+    "yellow": (225, 200, 40),
 }
 COLOUR_NAMES = tuple(COLOURS)  # colour class c + 1 in the aux targets; 0 is background
 DIGITS = tuple(str(d) for d in range(10))
@@ -88,13 +89,14 @@ def _check_geometry(image_size: int, patch_size: int, zoom: int) -> None:
 
 def paint_glyph(patch: np.ndarray, digit: int, colour: np.ndarray, polarity: float) -> None:
     """Write the digit into a tile's pixels (patch_size, patch_size, 3) in fine print: its pixels,
-    in raster order, sit alternately above and below the tile colour by the same amount (first
-    sign ``polarity``), so they average out in any downsampled view."""
+    in raster order, sit alternately INK_CONTRAST above and below the tile colour (first sign
+    ``polarity``), so they average out in any downsampled view. The colour must leave that room."""
+    if colour.min() < INK_CONTRAST or colour.max() > 255 - INK_CONTRAST:
+        raise ValueError(f"fine print needs a colour in [{INK_CONTRAST}, {255 - INK_CONTRAST}], got {colour}")
     mask = GLYPH_MASKS[digit]
     top, left = (patch.shape[0] - 7) // 2, (patch.shape[1] - 5) // 2
     signs = np.where(np.arange(mask.sum()) % 2 == 0, polarity, -polarity)
-    contrast = np.minimum(INK_CONTRAST, np.minimum(colour, 255 - colour))
-    patch[top : top + 7, left : left + 5][mask] = colour + signs[:, None] * contrast
+    patch[top : top + 7, left : left + 5][mask] = colour + signs[:, None] * INK_CONTRAST
 
 
 def layout_tiles(
@@ -120,7 +122,7 @@ def layout_tiles(
 
 
 def draw_scene(
-    tiles: Sequence[Tile], image_size: int, patch_size: int, rng: np.random.Generator
+    tiles: Sequence[Tile], image_size: int, patch_size: int, rng: np.random.Generator, fine_print: bool = False
 ) -> Image.Image:
     """Paint the background, clutter, tiles and noise.
 
@@ -140,12 +142,17 @@ def draw_scene(
         canvas[top : top + height, left : left + width] = value
     for tile in tiles:
         colour = np.array(COLOURS[tile.colour]) + rng.uniform(-20, 20, size=3)
-        # a random polarity: what little of the glyph survives downsampling has a random sign
-        polarity = rng.choice([-1.0, 1.0])
+        if fine_print:  # room for the fine print above and below
+            colour = colour.clip(INK_CONTRAST, 255 - INK_CONTRAST)
         top, left = tile.row * patch_size, tile.col * patch_size
         patch = canvas[top : top + patch_size, left : left + patch_size]
         patch[:] = colour
-        paint_glyph(patch, tile.digit, colour, polarity)
+        if fine_print:
+            # a random polarity: what little of the glyph survives downsampling has a random sign
+            paint_glyph(patch, tile.digit, colour, polarity=rng.choice([-1.0, 1.0]))
+        else:
+            glyph_top, glyph_left = (patch_size - 7) // 2, (patch_size - 5) // 2
+            patch[glyph_top : glyph_top + 7, glyph_left : glyph_left + 5][GLYPH_MASKS[tile.digit]] = 0
     canvas += 6 * rng.standard_normal(canvas.shape, dtype=np.float32)
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
 
@@ -159,6 +166,7 @@ def render_sample(
     patch_size: int = 8,
     zoom: int = 3,
     num_tiles: tuple[int, int] = (2, 4),
+    fine_print: bool = False,
 ) -> Scene:
     """The raw scene of sample `index` of (seed, split): image, tiles and the queried tile."""
     _check_geometry(image_size, patch_size, zoom)
@@ -167,7 +175,7 @@ def render_sample(
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     tiles = layout_tiles(rng, image_size, patch_size, zoom, num_tiles)
     query = tiles[int(rng.integers(len(tiles)))]
-    return Scene(draw_scene(tiles, image_size, patch_size, rng), tuple(tiles), query)
+    return Scene(draw_scene(tiles, image_size, patch_size, rng, fine_print), tuple(tiles), query)
 
 
 def aux_targets(
@@ -203,6 +211,7 @@ class SyntheticVQA(torch.utils.data.Dataset):
         zoom: int = 3,
         split: str = "train",
         num_tiles: tuple[int, int] = (2, 4),
+        fine_print: bool = False,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
     ) -> None:
@@ -211,7 +220,7 @@ class SyntheticVQA(torch.utils.data.Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.num_samples, self.seed, self.split = num_samples, seed, split
         self.image_size, self.patch_size, self.zoom = image_size, patch_size, zoom
-        self.num_tiles, self.mean, self.std = tuple(num_tiles), mean, std
+        self.num_tiles, self.fine_print, self.mean, self.std = tuple(num_tiles), fine_print, mean, std
 
     def __len__(self) -> int:
         return self.num_samples
@@ -225,6 +234,7 @@ class SyntheticVQA(torch.utils.data.Dataset):
             patch_size=self.patch_size,
             zoom=self.zoom,
             num_tiles=self.num_tiles,
+            fine_print=self.fine_print,
         )
 
     def __getitem__(self, index: int) -> dict:
