@@ -27,7 +27,7 @@ test-slow: .venv/installed
 # every synthetic experiment at the same budget -> $(SYNTHETIC)/results/results.{csv,md}
 sweep: .venv/installed
 	$(PY) scripts/sweep.py $(SYNTHETIC) $(EVALS) --jobs 2 --out $(SYNTHETIC)/results \
-		--extra --trainer.max_steps 1200 --data.init_args.num_train 76800 --data.init_args.num_workers 1 \
+		--extra --data.init_args.num_workers 1 \
 		--trainer.enable_progress_bar false
 
 bench: .venv/installed

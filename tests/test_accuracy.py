@@ -1,5 +1,5 @@
-"""The built-in task's claims, trained for real at the sweep's budget (1,200 steps; about 30 minutes
-on 2 cores): `make test-slow`.
+"""The built-in task's claims, trained for real at the sweep's budget (configs/synthetic.yaml: 600
+steps; about 15 minutes on 2 cores): `make test-slow`.
 
 Attention selection must beat random selection of the same budget by at least 30 points, low-res
 only must stay near chance (10 digits: 0.1), and flex must be far above it."""
@@ -15,7 +15,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ROOT / "experiments" / "synthetic"
-BUDGET = ("--trainer.max_steps", "1200", "--data.init_args.num_train", "76800")  # as `make sweep`
 
 
 def _run(tmp_path: Path, subcommand: str, *configs: Path, extra: tuple[str, ...] = ()) -> dict:
@@ -23,22 +22,24 @@ def _run(tmp_path: Path, subcommand: str, *configs: Path, extra: tuple[str, ...]
     for config in configs:
         args += ["--config", str(config)]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.version", "v",
-             "--trainer.enable_progress_bar", "false", *BUDGET, *extra]
+             "--trainer.enable_progress_bar", "false", *extra]
     if subcommand == "fit":
         args += ["--test_after_fit", "true"]
     cli = main(args)
     return json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
 
 
-@pytest.mark.xfail(strict=False, reason="not met yet: low-res only reaches 0.24 and budgeted flex 0.55 "
-                   "(experiments/synthetic/README.md, 'What holds and what does not')")
-def test_attention_selection_beats_random_and_low_res_stays_near_chance(tmp_path):
+def test_attention_selection_beats_random_with_a_small_budget(tmp_path):
     flex = _run(tmp_path, "fit", SYNTHETIC / "flex_attention_ratio.yaml")
     checkpoint = tmp_path / "flex_attention_ratio" / "v" / "checkpoints" / "last.ckpt"
     as_random = _run(tmp_path, "test", SYNTHETIC / "flex_attention_ratio.yaml", SYNTHETIC / "eval" / "as_random.yaml",
                      extra=("--ckpt_path", str(checkpoint)))
-    low_res = _run(tmp_path, "fit", SYNTHETIC / "lr_only.yaml")
     assert flex["test/hr_fraction"] <= 0.25
     assert flex["test/accuracy"] >= as_random["test/accuracy"] + 0.30
-    assert abs(low_res["test/accuracy"] - 0.1) <= 0.10
     assert flex["test/accuracy"] >= 0.1 + 0.50
+
+
+@pytest.mark.xfail(strict=False, reason="the default task leaks some digit ink into the low-res view (experiments/synthetic/README.md)")
+def test_low_res_only_stays_near_chance(tmp_path):
+    low_res = _run(tmp_path, "fit", SYNTHETIC / "lr_only.yaml")
+    assert abs(low_res["test/accuracy"] - 0.1) <= 0.10
