@@ -1,5 +1,5 @@
 """The built-in task's claims, trained for real at the sweep's budget (configs/synthetic.yaml: 600
-steps; about 15 minutes on 2 cores): `make test-slow`.
+steps; about 8 minutes on 2 cores): `make test-slow`.
 
 Attention selection must beat random selection of the same budget by at least 30 points, low-res
 only must stay near chance (10 digits: 0.1), and flex must be far above it."""

@@ -4,8 +4,8 @@ A 96 x 96 image (zoom 3 -> 32 x 32 low-res view, patch 8 -> LR grid 4 x 4, HR gr
 near-grey, blocky, noisy, cluttered background holds 2-4 tiles of distinct colours. Each tile is
 exactly one HR patch, aligned to the patch grid, at most one per LR cell (zoom x zoom HR patches),
 and carries a 5 x 7 digit. Downsampled by 3, the colour blob stays visible while the glyph shrinks
-to a few grey values. Solid black digits (the default) leave enough ink in those values for a probe
-that knows where the tile is to read most digits; ``fine_print=True`` draws each glyph pixel
+to a few grey values. Solid black digits (the default) leave enough ink in those values for a linear
+probe that knows where the tile is to read about a third of them; ``fine_print=True`` draws each glyph pixel
 alternately brighter and darker than the tile, so the glyph averages out of the low-res view and
 reading it is a job for the high-resolution tokens alone.
 
