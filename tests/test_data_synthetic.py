@@ -139,9 +139,13 @@ def test_fine_print_averages_to_the_tile_colour():
         paint_glyph(np.zeros((PATCH, PATCH, 3)), 0, np.array([20.0, 100.0, 100.0]), 1.0)
 
 
-def _low_res(images: list) -> torch.Tensor:
-    """The model's low-res view (DualPathEncoder.encode_low_res's resize) of PIL images, in [0, 1]."""
-    hr = torch.stack([torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for v in images])
+def _pixels(images: list) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for v in images])
+
+
+def _low_res(hr: torch.Tensor) -> torch.Tensor:
+    """The model's low-res view (DualPathEncoder.encode_low_res's resize) of (N, 3, 96, 96) pixels."""
     return F.interpolate(hr, size=(96 // ZOOM,) * 2, mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -155,8 +159,8 @@ def test_low_res_view_keeps_the_colour_blob_not_the_glyph(fine_print, max_mean):
         draw_scene([replace(tiles[0], digit=d), *tiles[1:]], 96, PATCH, np.random.default_rng(2), fine_print)
         for d in range(10)
     ]
-    hr = torch.stack([torch.from_numpy(np.array(v)).permute(2, 0, 1).float() / 255 for v in variants])
-    lr = _low_res(variants)
+    hr = _pixels(variants)
+    lr = _low_res(hr)
     for a in range(10):
         for b in range(a + 1, 10):
             assert ((hr[a] - hr[b]).abs().amax(0) > 0.15).sum() >= 2  # HR: legible, distinct glyphs
@@ -186,11 +190,10 @@ def test_a_linear_probe_reads_the_digit_at_high_res_and_low_res_only_without_fin
     From the pixels of its low-res cell it reads most solid black digits (the default task leaks),
     but not fine print (chance: 0.1)."""
     scenes = [render_sample(7, i, fine_print=fine_print) for i in range(1500)]
-    lr = _low_res([s.image for s in scenes])
+    hr = _pixels([s.image for s in scenes])
     lr_cells, hr_tiles = [], []
-    for scene, small in zip(scenes, lr):
+    for scene, pixels, small in zip(scenes, hr, _low_res(hr)):
         row, col = scene.query.row, scene.query.col
-        pixels = torch.from_numpy(np.array(scene.image)).permute(2, 0, 1).float() / 255
         hr_tiles.append(pixels[:, row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH])
         lr_cells.append(small[:, row // ZOOM * PATCH : (row // ZOOM + 1) * PATCH,
                               col // ZOOM * PATCH : (col // ZOOM + 1) * PATCH])

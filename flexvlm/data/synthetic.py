@@ -87,6 +87,12 @@ def _check_geometry(image_size: int, patch_size: int, zoom: int) -> None:
         raise ValueError("patch_size must be >= 7 to hold a 5 x 7 digit")
 
 
+def glyph_box(patch: np.ndarray) -> np.ndarray:
+    """The 7 x 5 view of a tile's pixels (patch_size, patch_size, 3) that holds its digit, centred."""
+    top, left = (patch.shape[0] - 7) // 2, (patch.shape[1] - 5) // 2
+    return patch[top : top + 7, left : left + 5]
+
+
 def paint_glyph(patch: np.ndarray, digit: int, colour: np.ndarray, polarity: float) -> None:
     """Write the digit into a tile's pixels (patch_size, patch_size, 3) in fine print: its pixels,
     in raster order, sit alternately INK_CONTRAST above and below the tile colour (first sign
@@ -94,9 +100,8 @@ def paint_glyph(patch: np.ndarray, digit: int, colour: np.ndarray, polarity: flo
     if colour.min() < INK_CONTRAST or colour.max() > 255 - INK_CONTRAST:
         raise ValueError(f"fine print needs a colour in [{INK_CONTRAST}, {255 - INK_CONTRAST}], got {colour}")
     mask = GLYPH_MASKS[digit]
-    top, left = (patch.shape[0] - 7) // 2, (patch.shape[1] - 5) // 2
     signs = np.where(np.arange(mask.sum()) % 2 == 0, polarity, -polarity)
-    patch[top : top + 7, left : left + 5][mask] = colour + signs[:, None] * INK_CONTRAST
+    glyph_box(patch)[mask] = colour + signs[:, None] * INK_CONTRAST
 
 
 def layout_tiles(
@@ -151,8 +156,7 @@ def draw_scene(
             # a random polarity: what little of the glyph survives downsampling has a random sign
             paint_glyph(patch, tile.digit, colour, polarity=rng.choice([-1.0, 1.0]))
         else:
-            glyph_top, glyph_left = (patch_size - 7) // 2, (patch_size - 5) // 2
-            patch[glyph_top : glyph_top + 7, glyph_left : glyph_left + 5][GLYPH_MASKS[tile.digit]] = 0
+            glyph_box(patch)[GLYPH_MASKS[tile.digit]] = 0
     canvas += 6 * rng.standard_normal(canvas.shape, dtype=np.float32)
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
 
