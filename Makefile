@@ -31,7 +31,7 @@ sweep: .venv/installed
 		--trainer.enable_progress_bar false
 
 bench: .venv/installed
-	$(PY) scripts/bench_modes.py
+	mkdir -p runs && $(PY) scripts/bench_efficiency.py --json runs/benchmarks.json
 
 clean:
 	rm -rf .venv runs

@@ -1,4 +1,4 @@
-"""Evaluation protocols (METHOD.md section 7): how a benchmark's batch is answered and scored.
+"""Evaluation protocols (docs/method.md, section 8): how a benchmark's batch is answered and scored.
 
 A protocol gets the LightningModule (its ``model``, ``answer`` for greedy generation, ``tokenizer``
 and ``collator``) and a ``VQACollator`` batch. ``score`` updates the protocol's metric and returns

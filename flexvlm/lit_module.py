@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 
 from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
 from flexvlm.generate import generate
+from flexvlm.models.flex_attention import HIGH_RES_KV_MODES
 from flexvlm.models.vlm import FlexVLM, VLMOutput
 
 
@@ -31,6 +32,7 @@ class FlexVLMModule(L.LightningModule):
         max_new_tokens: int = 8,
         stop_strings: list[str] | None = None,
         eval_loss: bool = True,
+        high_res_kv: str = "lazy",
     ) -> None:
         """
         Args:
@@ -47,11 +49,16 @@ class FlexVLMModule(L.LightningModule):
             max_new_tokens, stop_strings: generation at validation / test / predict time.
             eval_loss: also log the loss of the reference answer at validation / test (one more
                 forward pass a batch).
+            high_res_kv: how generation projects high-res K/V (``flexvlm.generate``): ``lazy`` (a
+                token when first selected; cheapest for short answers) or ``prefill`` (all at the
+                first step; cheaper per step for long answers, see docs/benchmarks.md).
 
         Answers are scored by the datamodule's ``protocol`` (``flexvlm.evaluation``) if it has
         one, else by ``GenerationVQA``.
         """
         super().__init__()
+        if high_res_kv not in HIGH_RES_KV_MODES:
+            raise ValueError(f"unknown high_res_kv {high_res_kv!r}; valid: {list(HIGH_RES_KV_MODES)}")
         self.save_hyperparameters(ignore=["model", "aux_objective"])
         self.model = model
         self.aux_objective = aux_objective
@@ -84,8 +91,9 @@ class FlexVLMModule(L.LightningModule):
         return min(1.0, self.trainer.global_step / max(1.0, warmup * self.trainer.estimated_stepping_batches))
 
     def _forward(self, batch: dict[str, Any], alpha: float = 1.0) -> VLMOutput:
+        # the selecting maps keep their gradient only for an objective that may train on them
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch.get("content_box"),
-                          labels=batch["labels"], alpha=alpha)
+                          labels=batch["labels"], alpha=alpha, map_grad=self.aux_objective is not None)
 
     def _aux_loss(self, out: VLMOutput, batch: dict[str, Any]) -> Tensor:
         encoder = self.model.encoder
@@ -163,7 +171,8 @@ class FlexVLMModule(L.LightningModule):
     def answer(self, batch: dict[str, Any]) -> tuple[list[str], Tensor, dict[int, Tensor]]:
         """Greedy answers to the batch's left-padded prompts, HR fraction per sample, prefill masks."""
         out = generate(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["images"], batch.get("content_box"),
-                       max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_id)
+                       max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
+                       high_res_kv=self.hparams.high_res_kv)
         return [self._decode(t) for t in out.tokens], out.hr_fraction, out.prefill_masks
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> Scored:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexvlm.constants import IMAGE_TOKEN_INDEX
-from flexvlm.generate import generate
+from flexvlm.generate import generate, generation_steps
 from flexvlm.models.flex_attention import FlexAttention
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import FlexVLM
@@ -13,11 +13,11 @@ from flexvlm.selection import AttentionSelection
 LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 
 
-def _model(mode):
+def _model(mode, selection=None):
     torch.manual_seed(0)
     backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
     return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=0 if mode == "xattn" else 1,
-                   selection=AttentionSelection(top_k=3)).eval()
+                   selection=selection or AttentionSelection(top_k=3)).eval()
 
 
 def _prompts():
@@ -27,11 +27,10 @@ def _prompts():
     return ids, mask, torch.randn(2, 3, 96, 96)
 
 
-@pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex"])
-def test_cache_batch_and_single_agree(mode):
-    model = _model(mode)
+def _cache_batch_and_single_agree(model, high_res_kv="lazy"):
+    """Cached batched generation == uncached == each sample alone (tokens and HR fraction)."""
     ids, mask, images = _prompts()
-    cached = generate(model, ids, mask, images, max_new_tokens=6)
+    cached = generate(model, ids, mask, images, max_new_tokens=6, high_res_kv=high_res_kv)
     uncached = generate(model, ids, mask, images, max_new_tokens=6, use_cache=False)
     assert cached.tokens == uncached.tokens
     assert torch.allclose(cached.hr_fraction, uncached.hr_fraction)
@@ -39,6 +38,13 @@ def test_cache_batch_and_single_agree(mode):
         real = mask[i].bool()
         single = generate(model, ids[i : i + 1, real], mask[i : i + 1, real], images[i : i + 1], max_new_tokens=6)
         assert single.tokens[0] == cached.tokens[i]
+        assert torch.allclose(single.hr_fraction[0], cached.hr_fraction[i])
+    return cached
+
+
+@pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex"])
+def test_cache_batch_and_single_agree(mode):
+    cached = _cache_batch_and_single_agree(_model(mode))
     if mode == "flex":
         assert set(cached.prefill_masks) == {1, 2}
         assert cached.prefill_masks[1].shape == (2, 12, 12)
@@ -74,3 +80,26 @@ def test_rejects_right_padded_prompts():
     ids, mask, images = _prompts()
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, ids, mask.flip(-1), images)
+
+
+@pytest.mark.parametrize("high_res_kv", ["lazy", "prefill"])
+def test_threshold_selection_cache_batch_and_single_agree(high_res_kv):
+    """The release's threshold rule selects a different number of HR tokens per sample and step:
+    padded selections in a batch, and the same HR fraction with and without the cache (the current
+    token's, averaged over steps)."""
+    model = _model("flex", AttentionSelection(threshold=48.0))
+    cached = _cache_batch_and_single_agree(model, high_res_kv)
+    ids, mask, images = _prompts()
+    steps = list(generation_steps(model, ids, mask, images, max_new_tokens=6))
+    fractions = torch.stack([step.hr_fraction for step in steps])
+    assert len(set(fractions.flatten().tolist())) > 1  # the threshold really varies the count
+    assert torch.allclose(fractions.mean(0), cached.hr_fraction)
+
+
+def test_prefill_mode_projects_every_token_once_at_the_first_step():
+    model = _model("flex")
+    ids, mask, images = _prompts()
+    calls = []
+    model.llm.layers[1].self_attn.k_hr_proj.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+    generate(model, ids, mask, images, max_new_tokens=4, high_res_kv="prefill")
+    assert calls == [(2, 144, LLM["hidden_size"])]

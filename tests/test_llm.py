@@ -80,3 +80,15 @@ def test_presets_and_errors():
         LlamaConfig.from_name("llama-9000")
     with pytest.raises(ValueError, match="divisible"):
         LlamaConfig(hidden_size=60, num_heads=8)
+
+
+def test_kv_cache_grows_in_place_and_returns_what_concatenation_would():
+    cache = KVCache()
+    keys, values = [], []
+    for n in (5, 1, 70, 1, 1, 130):  # crosses the first capacity (64) and a growth
+        k, v = torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = cache.update(0, k, v)
+        assert torch.equal(got_k, torch.cat(keys, dim=2)) and torch.equal(got_v, torch.cat(values, dim=2))
+    assert len(cache) == 208

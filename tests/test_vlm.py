@@ -135,7 +135,8 @@ class _Recording(AttentionSelection):
 def test_selection_maps_are_the_selecting_maps_with_their_gradient():
     strategy = _Recording()
     model = _model("flex", selection=strategy)
-    out = model(**_batch())
+    assert not any(m.requires_grad for m in model(**_batch()).selection_maps.values())  # by default
+    out = model(**_batch(), map_grad=True)
     assert set(out.selection_maps) == set(strategy.seen) == {1, 2}
     for layer, attn_map in out.selection_maps.items():
         assert attn_map.shape == (2, 2, 4, 4)  # two answer rows per sample, 4 x 4 LR grid
@@ -146,3 +147,43 @@ def test_selection_maps_are_the_selecting_maps_with_their_gradient():
     out.selection_maps[1][:, 0, 0, 0].sum().backward()
     assert model.llm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.llm.layers[1].self_attn.q_proj.weight.grad is None
+
+
+@pytest.mark.parametrize("selection", [AttentionSelection(top_k=2), AttentionSelection(threshold=48.0),
+                                       AttentionSelection(top_k=14)])  # a union that covers most of the image
+def test_release_style_flex_attention_gives_the_same_training_pass(selection):
+    """flex_impl="release" (every row scores every HR key through an additive mask, the attention map
+    materialised, as the authors' training) and the fused default: one formula, two costs."""
+    fused = _model("flex", selection=selection, high_res_grad=True)
+    release = _model("flex", selection=selection, high_res_grad=True, flex_impl="release")
+    release.load_state_dict(fused.state_dict())
+    out = [model(**_batch(), alpha=0.7) for model in (fused, release)]
+    assert (out[0].logits - out[1].logits).abs().max() < 1e-5
+    for model, o in zip((fused, release), out):
+        o.loss.backward()
+    grads = dict(release.named_parameters())
+    for name, p in fused.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-5), name
+    with pytest.raises(ValueError, match="flex_impl"):
+        _model("flex", flex_impl="eager")
+
+
+@pytest.mark.parametrize("top_k", [2, 14])
+def test_training_projects_the_union_of_the_selections_once(top_k):
+    """W_K' runs on the union of a sample's selected HR tokens (padded to the batch's largest union),
+    not once per selecting row and selected token; on every token once the union covers 3/4 of them."""
+    model = _model("flex", selection=AttentionSelection(top_k=top_k), high_res_grad=True)
+    projected = {}
+
+    def record(layer):
+        def hook(module, inputs, output):
+            projected[layer] = inputs[0].shape
+        return hook
+
+    for i in model.flex_layers:
+        model.llm.layers[i].self_attn.k_hr_proj.register_forward_hook(record(i))
+    out = model(**_batch())
+    for i in model.flex_layers:
+        union = int(out.selection_masks[i].any(1).flatten(1).sum(-1).max())  # distinct tokens selected
+        assert projected[i] == (2, union if 4 * union < 3 * 144 else 144, LLM["hidden_size"])
+        assert (4 * union < 3 * 144) == (top_k == 2)  # both paths are exercised

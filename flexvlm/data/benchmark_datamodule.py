@@ -27,7 +27,7 @@ from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, LetterChoice, 
 
 Reader = Callable[..., list[BenchmarkItem]]
 
-# name -> (its reader, the protocol METHOD.md section 7 scores it with)
+# name -> (its reader, the protocol docs/method.md section 8 scores it with)
 BENCHMARKS: dict[str, tuple[Reader, type[EvaluationProtocol]]] = {
     "textvqa": (read_textvqa, GenerationVQA),
     "vstar": (read_vstar, LikelihoodChoice),

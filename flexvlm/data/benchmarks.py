@@ -1,6 +1,6 @@
 """Readers for the evaluation sets, each giving a list of ``BenchmarkItem``s; a Dataset over them.
 
-Prompts follow the evaluation protocols (METHOD.md section 7); each starts with the image
+Prompts follow the evaluation protocols (docs/method.md, section 8); each starts with the image
 placeholder as LLaVA does: "<image>\\n...".
 """
 

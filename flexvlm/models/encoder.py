@@ -57,8 +57,9 @@ class DualPathEncoder(nn.Module):
     def encode_low_res(self, images: Tensor) -> Tensor:
         self._check_size(images)
         size = self.backbone.image_size
-        small = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return self.backbone(small)
+        # antialiased resizing has no bf16 / fp16 CPU kernel; in float32 it costs nothing next to the tower
+        small = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return self.backbone(small.to(images.dtype))
 
     def encode_high_res(self, images: Tensor) -> Tensor:
         self._check_size(images)

@@ -6,28 +6,37 @@ predict answer tokens in training, the current token at inference) also attend t
 
     K = [H W_K ; f_sel W_K'],  V = [H W_V ; f_sel W_V']     (W_K', W_V' new, initialised as copies)
 
-Every row first goes through fused SDPA over the sequence. Only the selecting rows are then
-recomputed eagerly over [their causal sequence keys ; their own selected HR keys]: the extra work is
-O(rows x (N + M_sel) x d), and no N x N map is ever formed. The plain (sequence-only) softmax of
-those rows is handed on, and the selection strategy turns it into the next layer's selection.
+How the work is kept to the selecting rows and the selected tokens (docs/method.md, "Cost"):
 
-``HighResState`` carries what the layers share for one forward pass (or one whole generation):
-the HR features and their RoPE, the current selection, and a per-layer cache of HR K/V projections
-so that a (layer, HR token) pair is projected at most once.
+- Every row goes through fused SDPA over the sequence, as in a plain layer.
+- The selecting rows of a sample are scored against the *union* of the HR tokens that any of them
+  selected, with a per-row boolean mask, in one more fused SDPA call: no attention map is formed,
+  and HR K/V are projected once per token of the union, so memory grows with the union, not with
+  rows x selected tokens.
+- A decoding step (one row per sample) is computed eagerly: the row's scores over the sequence are
+  needed anyway for the next layer's selection, and reusing them beats a second kernel call.
+- At inference the projected HR K/V of each layer live in buffers written in place, either lazily
+  (only the tokens ever selected: best for short answers) or all at once at the first step
+  ("prefill": best for long generations).
+
+The plain (sequence-only) softmax of the selecting rows is handed back to the decoder loop
+(``FlexVLM.decode``), which turns it into the next layer's selection through ``HighResState.select``.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexvlm.models.llm import (
-    Attention, AttentionInputs, KVCache, LlamaConfig, RowProbe, apply_rope, causal_key_mask, gather_rows,
+    Attention, AttentionInputs, DecoderLayer, KVCache, LlamaConfig, apply_rope, causal_key_mask, gather_rows,
 )
 from flexvlm.selection.base import SelectionContext, SelectionStrategy
+
+HIGH_RES_KV_MODES = ("lazy", "prefill")
 
 
 def interpolate_rope(cos: Tensor, sin: Tensor, lr_grid: int, hr_grid: int) -> tuple[Tensor, Tensor]:
@@ -44,8 +53,11 @@ def interpolate_rope(cos: Tensor, sin: Tensor, lr_grid: int, hr_grid: int) -> tu
 
 
 def selected_first(mask: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
-    """(..., L) bool -> indices (..., K) of the True entries in ascending order, padded to the
-    largest count K (at least ``min_width``), and valid (..., K)."""
+    """(B, L) bool -> indices (B, K) of the True entries in ascending order, padded to the largest
+    count K (at least ``min_width``), and valid (B, K)."""
+    if mask.shape[0] == 1 and min_width == 0:  # one sample (batch-1 decoding): no padding to sort out
+        idx = mask[0].nonzero().view(1, -1)
+        return idx, torch.ones_like(idx, dtype=torch.bool)
     counts = mask.sum(-1)
     width = max(int(counts.max()) if counts.numel() else 0, min_width)
     # a stable sort puts the True positions first, in ascending order
@@ -54,13 +66,61 @@ def selected_first(mask: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
     return idx, valid
 
 
-def pack_rows(row_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, N) bool -> the selecting rows (B, R), padded, and valid (B, R); R >= 1."""
-    return selected_first(row_mask, min_width=1)
+@dataclass
+class SelectingRows:
+    """The query rows that select (or, for cross-attention, every row), as positions in the current
+    chunk: ``rows`` (B, R), padded per sample, ``valid`` (B, R) marks the real ones, ``visible``
+    (B, 1, R, keys) the sequence keys each row sees (causal and padding), shared by every layer;
+    None when every row sees every key (a decoding step without padding)."""
+
+    rows: Tensor
+    valid: Tensor
+    visible: Tensor | None
+    all_valid: bool  # no padded row
+
+    @classmethod
+    def from_mask(cls, row_mask: Tensor, inputs: AttentionInputs) -> "SelectingRows":
+        """(B, N) bool over the current chunk -> the selecting rows; R >= 1."""
+        n = row_mask.shape[1]
+        if n == 1 and inputs.key_valid is None:  # a decoding step: the one row sees every key
+            return cls(torch.zeros_like(row_mask, dtype=torch.long), row_mask, None, bool(row_mask.all()))
+        rows, valid = selected_first(row_mask, min_width=1)
+        visible = causal_key_mask(rows, inputs.past_len, inputs.key_valid, inputs.past_len + n)
+        return cls(rows, valid, visible.unsqueeze(1), bool(valid.all()))
+
+
+@dataclass
+class Selection:
+    """What one FA layer attends to beyond the sequence: the union of its sample's selected HR
+    tokens, ``tokens`` (B, K) padded with ``valid`` (B, K), and ``row_mask`` (B, R, K): which of
+    them each selecting row sees (None: every row sees every token, no padding). ``tokens`` None:
+    every HR token of the image, K = M (cross-attention, or a union that covers most of it)."""
+
+    tokens: Tensor | None
+    valid: Tensor
+    row_mask: Tensor | None
+
+    def rows_see(self, rows: int) -> Tensor:
+        """``row_mask`` as a tensor, (B, rows, K)."""
+        if self.row_mask is None:
+            return self.valid[:, None].expand(-1, rows, -1)
+        return self.row_mask.expand(-1, rows, -1)
+
+
+@dataclass
+class HighResKV:
+    """Projected HR keys (with RoPE) and values of one layer, (B, kv_heads, K, d), and which key each
+    query row sees, ``selection`` (see ``Selection.row_mask``)."""
+
+    k: Tensor
+    v: Tensor
+    selection: Selection
 
 
 class HighResState:
-    """What the FlexAttention layers of one model share during a forward pass or a generation."""
+    """The HR side of one forward pass or one whole generation: the HR features and their RoPE, the
+    selection strategy, the per-layer buffers of projected HR K/V (inference), and a record of the
+    last step's selections."""
 
     def __init__(
         self,
@@ -73,90 +133,163 @@ class HighResState:
         strategy: SelectionStrategy | None,
         dense: bool = False,
         alpha: float = 1.0,
+        kv_mode: str = "lazy",
+        map_grad: bool = False,
     ) -> None:
         """features (B, M, D): projected HR tokens; cos / sin (B, M, d): their RoPE; lr_index (B, g*g):
         key positions of the low-res image tokens; lr_valid / hr_valid: the margin masks; ``dense``:
-        every row sees every HR token (cross-attention baseline) and nothing is selected."""
+        every row sees every HR token (cross-attention baseline) and nothing is selected;
+        ``kv_mode``: how HR K/V are projected at inference, ``lazy`` or ``prefill``; ``map_grad``:
+        the selecting maps keep their gradient (for a training objective on where the model looks;
+        otherwise they cost no memory in the backward pass)."""
+        if kv_mode not in HIGH_RES_KV_MODES:
+            raise ValueError(f"unknown high-res K/V mode {kv_mode!r}; valid: {list(HIGH_RES_KV_MODES)}")
         self.features, self.cos, self.sin = features, cos, sin
         self.lr_index, self.lr_valid, self.hr_valid = lr_index, lr_valid, hr_valid
         self.lr_grid, self.hr_grid = lr_valid.shape[-1], hr_valid.shape[-1]
-        self.strategy, self.dense, self.alpha = strategy, dense, alpha
-        self.rows_valid: Tensor | None = None
-        # layer -> (B, R, K) indices, (B, R, K) valid; kept per layer so that a layer recomputed by
-        # gradient checkpointing reads the selection it had in the forward pass
-        self.selections: dict[int, tuple[Tensor, Tensor]] = {}
-        self.masks: dict[int, Tensor] = {}  # layer -> (B, R, G, G) selection masks of the last step
-        # layer -> (B, R, g, g) the head-summed low-res attention that selected for it, with its
-        # gradient (what a training objective on where the model looks needs)
+        self.strategy, self.dense, self.alpha, self.kv_mode = strategy, dense, alpha, kv_mode
+        self.map_grad = map_grad
+        self.available = hr_valid.flatten(1).sum(-1).clamp(min=1)  # (B,) HR tokens inside the image
+        self._base_context = SelectionContext(self.lr_grid, self.hr_grid, lr_valid, hr_valid, layer=-1)
+        self._contexts: dict[int, SelectionContext] = {}  # FA layer -> its context, sharing the memo
+        self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # layer -> K, V buffers, projected (B, M)
+        self._last: dict[int, tuple[Tensor, ...]] = {}  # layer -> tokens, valid, their K, V last gathered
+        self._every: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> K, V of every token (cross-attention)
+        self.start_step(None)
+
+    def start_step(self, rows: SelectingRows | None) -> None:
+        """Forget the last step's record; ``rows`` select in the step that follows."""
+        self.rows = rows
+        self.masks: dict[int, Tensor] = {}  # FA layer -> (B, R, G, G) selection masks
+        # FA layer -> (B, R, g, g) the head-summed low-res attention that selected for it (with its
+        # gradient when ``map_grad``)
         self.maps: dict[int, Tensor] = {}
-        self.row_fractions: dict[int, Tensor] = {}  # layer -> (B, R) fraction of the image's HR tokens
-        self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.row_counts: dict[int, Tensor] = {}  # FA layer -> (B, R) HR tokens selected
 
-    def probe(self, rows: Tensor, valid: Tensor, layers: frozenset[int]) -> RowProbe:
-        """The probe that feeds this state: rows (B, R) select, their maps at ``layers`` select for
-        the layer after. Called once per forward step (prefill, then every decode step)."""
-        self.rows_valid = valid
-        self.selections, self.maps = {}, {}
-        return RowProbe(rows=rows, valid=valid, layers=layers, callback=self.observe)
-
-    def observe(self, layer_idx: int, probs: Tensor) -> None:
-        """Turn layer ``layer_idx``'s row attention (B, heads, R, keys) into the selection of layer + 1."""
-        b, _, r, keys = probs.shape
-        index = self.lr_index.unsqueeze(1).expand(b, r, -1)
-        attn_map = probs.sum(1).gather(-1, index).view(b, r, self.lr_grid, self.lr_grid)
-        self.maps[layer_idx + 1] = attn_map
-        ctx = SelectionContext(self.lr_grid, self.hr_grid, self.lr_valid, self.hr_valid, layer_idx + 1)
-        self.set_selection(self.strategy(attn_map.detach(), ctx), layer_idx + 1)
-
-    def set_selection(self, mask: Tensor, layer_idx: int) -> None:
-        """(B, R, G, G) bool -> padded index lists; rows that are only padding select nothing."""
-        mask = mask & self.rows_valid[:, :, None, None]
-        idx, valid = selected_first(mask.flatten(2))
-        self.selections[layer_idx] = (idx, valid)
+    # -- selection ------------------------------------------------------------------------------
+    def select(self, layer_idx: int, probs: Tensor) -> Selection:
+        """The selecting rows' plain attention (B, heads, R, keys) of layer ``layer_idx`` - 1 ->
+        the selection of layer ``layer_idx``."""
+        b, _, r, _ = probs.shape
+        attn_map = probs.sum(1).gather(-1, self.lr_index[:, None].expand(b, r, -1)).view(b, r, self.lr_grid, self.lr_grid)
+        self.maps[layer_idx] = attn_map
+        mask = self.strategy(attn_map.detach(), self._context(layer_idx))
+        if not self.rows.all_valid:
+            mask = mask & self.rows.valid[:, :, None, None]
         self.masks[layer_idx] = mask
-        available = self.hr_valid.flatten(1).sum(-1).clamp(min=1).unsqueeze(-1)
-        self.row_fractions[layer_idx] = valid.sum(-1) / available
+        flat = mask.flatten(2)
+        self.row_counts[layer_idx] = flat.sum(-1)
+        if r == 1:  # one row per sample (inference): the union is the row's own selection
+            tokens, valid = selected_first(flat[:, 0])
+            return Selection(tokens, valid, None if b == 1 else valid[:, None])
+        tokens, valid = selected_first(flat.any(1))
+        if 4 * tokens.shape[1] >= 3 * flat.shape[-1]:
+            # the union is most of the image: projecting every token costs little more than the
+            # union, and saves a copy of most of the features for the backward pass
+            return Selection(None, self.hr_valid.flatten(1), flat)
+        row_mask = flat.gather(-1, tokens[:, None].expand(-1, r, -1)) & valid[:, None]
+        return Selection(tokens, valid, row_mask)
+
+    def all_tokens(self) -> Selection:
+        """Every HR token of the image, seen by every row (the cross-attention baseline)."""
+        valid = self.hr_valid.flatten(1)
+        return Selection(None, valid, valid[:, None])
+
+    def _context(self, layer_idx: int) -> SelectionContext:
+        if layer_idx not in self._contexts:
+            self._contexts[layer_idx] = replace(self._base_context, layer=layer_idx)
+        return self._contexts[layer_idx]
 
     @property
     def selected_fraction(self) -> dict[int, Tensor]:
         """FA layer -> mean fraction of the image's HR tokens over the real selecting rows."""
-        return {layer: f[self.rows_valid].mean() for layer, f in self.row_fractions.items() if self.rows_valid.any()}
+        real = self.rows.valid
+        if not real.any():
+            return {}
+        return {layer: (count / self.available[:, None])[real].mean() for layer, count in self.row_counts.items()}
 
-    def sample_fraction(self) -> Tensor:
+    def row_fraction(self) -> Tensor | None:
+        """(B, R) fraction of HR tokens each selecting row used, mean over FA layers."""
+        if not self.row_counts:
+            return None
+        return torch.stack(list(self.row_counts.values())).float().mean(0) / self.available[:, None]
+
+    def sample_fraction(self) -> Tensor | None:
         """(B,) mean fraction of HR tokens each sample's selecting rows used, over FA layers."""
-        per_layer = torch.stack([(f * self.rows_valid).sum(-1) for f in self.row_fractions.values()])
-        return per_layer.mean(0) / self.rows_valid.sum(-1).clamp(min=1)
+        per_row = self.row_fraction()
+        if per_row is None:
+            return None
+        real = self.rows.valid
+        return (per_row * real).sum(-1) / real.sum(-1).clamp(min=1)
 
-    def projected_kv(self, attn: "FlexAttention", needed: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, M, kv_heads, d) HR keys (with RoPE) and values of ``attn``'s layer; only the ``needed``
-        (B, M) tokens not projected before in this state are projected now, the rest is reused.
-        Reuse is for inference (a generation's steps): under autograd every call projects afresh,
-        so that no cached tensor crosses a gradient-checkpointing boundary."""
-        b, m, _ = self.features.shape
-        if torch.is_grad_enabled() or attn.layer_idx not in self._kv:
+    # -- projected HR keys and values -------------------------------------------------------------
+    def high_res_kv(self, attn: "FlexAttention", selection: Selection) -> HighResKV:
+        """The keys and values of ``attn``'s layer for the tokens of ``selection``. Under autograd
+        they are projected afresh from the features (so nothing crosses a gradient-checkpointing
+        boundary); at inference they come from the layer's buffers."""
+        tokens = selection.tokens
+        if torch.is_grad_enabled():
+            if tokens is None:
+                k, v = attn.project_high_res(self.features, self.cos, self.sin)
+            else:
+                k, v = attn.project_high_res(*(_gather_tokens(t, tokens) for t in (self.features, self.cos, self.sin)))
+            return HighResKV(k, v, selection)
+        if tokens is None:  # every token (cross-attention), kept in the layout attention reads
+            if attn.layer_idx not in self._every:
+                with torch.no_grad():
+                    self._every[attn.layer_idx] = attn.project_high_res(self.features, self.cos, self.sin)
+            return HighResKV(*self._every[attn.layer_idx], selection)
+        last = self._last.get(attn.layer_idx)
+        # a selection that stays put is gathered once (padded entries too: a token that turns valid
+        # must have been projected, hence valid is compared as well)
+        if last is None or not (torch.equal(last[0], tokens) and torch.equal(last[1], selection.valid)):
+            k_buf, v_buf = self._buffers(attn, tokens, selection.valid)
+            k, v = (_gather_tokens(buf, tokens).transpose(1, 2).contiguous() for buf in (k_buf, v_buf))
+            last = (tokens, selection.valid, k, v)
+            self._last[attn.layer_idx] = last
+        return HighResKV(last[2], last[3], selection)
+
+    @torch.no_grad()
+    def _buffers(self, attn: "FlexAttention", tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, M, kv_heads, d) K and V buffers of the layer with at least the valid ``tokens`` (B, K)
+        projected; each (layer, token) pair is projected at most once per state."""
+        if attn.layer_idx not in self._kv:
+            b, m, _ = self.features.shape
+            if self.kv_mode == "prefill":
+                k, v = (t.transpose(1, 2).contiguous() for t in attn.project_high_res(self.features, self.cos, self.sin))
+                self._kv[attn.layer_idx] = (k, v, self.features.new_ones(b, m, dtype=torch.bool))
+                return k, v
             shape = (b, m, attn.num_kv_heads, attn.head_dim)
-            empty = self.features.new_zeros(shape)
-            self._kv[attn.layer_idx] = (empty, empty, needed.new_zeros(b, m))
+            self._kv[attn.layer_idx] = (self.features.new_zeros(shape), self.features.new_zeros(shape),
+                                        self.features.new_zeros(b, m, dtype=torch.bool))
         k_buf, v_buf, done = self._kv[attn.layer_idx]
-        todo = needed & ~done
+        todo = valid & ~done.gather(1, tokens)
         if todo.any():
-            bi, mi = todo.nonzero(as_tuple=True)
+            bi, ki = todo.nonzero(as_tuple=True)
+            mi = tokens[bi, ki]
             k_new, v_new = attn.project_high_res(self.features[bi, mi], self.cos[bi, mi], self.sin[bi, mi])
-            k_buf = k_buf.index_put((bi, mi), k_new)
-            v_buf = v_buf.index_put((bi, mi), v_new)
-            self._kv[attn.layer_idx] = (k_buf, v_buf, done | todo)
+            k_buf[bi, mi] = k_new  # written in place: no copy of the whole buffer
+            v_buf[bi, mi] = v_new
+            done[bi, mi] = True
         return k_buf, v_buf
 
 
+def _gather_tokens(x: Tensor, tokens: Tensor) -> Tensor:
+    """x (B, M, ...), tokens (B, K) -> (B, K, ...): whole rows copied by index_select."""
+    b, m = x.shape[:2]
+    flat = tokens + torch.arange(b, device=tokens.device)[:, None] * m
+    return x.flatten(0, 1).index_select(0, flat.flatten()).view(b, tokens.shape[1], *x.shape[2:])
+
+
 class FlexAttention(Attention):
-    """Causal self-attention plus, for the selecting rows, attention to their selected HR tokens."""
+    """A decoder attention layer with the HR projections W_K', W_V'. Called as a module it is plain
+    self-attention; ``flex_attention`` / ``cross_attention`` add the HR keys."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         kv_dim = config.kv_heads * config.head_dim
         self.k_hr_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.attention_bias)
         self.v_hr_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.attention_bias)
-        self.init_high_res_projections()
 
     @classmethod
     def from_attention(cls, attn: Attention, config: LlamaConfig) -> "FlexAttention":
@@ -173,76 +306,147 @@ class FlexAttention(Attention):
         self.v_hr_proj.load_state_dict(self.v_proj.state_dict())
 
     def project_high_res(self, features: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """(n, D) HR features -> (n, kv_heads, d) keys with RoPE, values without (as the release)."""
-        shape = (features.shape[0], self.num_kv_heads, self.head_dim)
-        k = apply_rope(self.k_hr_proj(features).view(shape), cos, sin)
-        return k, self.v_hr_proj(features).view(shape)
-
-    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> Tensor:
-        state: HighResState | None = inputs.high_res
-        if state is None:
-            return super().forward(x, inputs, cache)
-        q, k, v = self.qkv(x, inputs, cache)
-        if state.dense:
-            out = self._dense(q, k, v, inputs, state)
-        else:
-            out = self.sequence_attention(q, k, v, inputs)
-            probe = inputs.probe
-            if probe is not None:
-                out = self._selecting_rows(q, k, v, out, inputs, probe, state)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
-
-    def _selecting_rows(
-        self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, inputs: AttentionInputs, probe: RowProbe,
-        state: HighResState,
-    ) -> Tensor:
-        scores, _ = self.probe_scores(q, k, inputs)  # (B, H, R, keys), causal + padding masked
-        if self.layer_idx in state.selections:
-            out = self._hierarchical(q, v, scores, out, probe, state)
-        if self.layer_idx in probe.layers:
-            probe.callback(self.layer_idx, scores.softmax(-1))
-        return out
-
-    def _hierarchical(
-        self, q: Tensor, v: Tensor, scores: Tensor, out: Tensor, probe: RowProbe, state: HighResState
-    ) -> Tensor:
-        idx, valid = state.selections[self.layer_idx]
-        b, h, r, keys = scores.shape
-        k_buf, v_buf = state.projected_kv(self, _union(idx, valid, state.features.shape[1]))
-        batch = torch.arange(b, device=idx.device)[:, None, None]
-        k_sel, v_sel = k_buf[batch, idx], v_buf[batch, idx]  # (B, R, K, kv_heads, d)
-        groups = h // self.num_kv_heads
-        q_rows = gather_rows(q, probe.rows).view(b, self.num_kv_heads, groups, r, self.head_dim)
-        hr_scores = torch.einsum("bgqrd,brkgd->bgqrk", q_rows, k_sel) / math.sqrt(self.head_dim)
-        hr_scores = hr_scores.masked_fill(~valid[:, None, None], float("-inf")).reshape(b, h, r, -1)
-        probs = torch.cat((scores, hr_scores), dim=-1).softmax(-1)
-        hr_probs = probs[..., keys:].view(b, self.num_kv_heads, groups, r, -1)
-        hier = self.row_values(probs[..., :keys], v)
-        hier = hier + torch.einsum("bgqrk,brkgd->bgqrd", hr_probs, v_sel).reshape(b, h, r, self.head_dim)
-        # scatter the real rows back; padded rows keep SDPA's output
-        bi, ri = probe.valid.nonzero(as_tuple=True)
-        pos = probe.rows[bi, ri]
-        out_t = out.transpose(1, 2)  # (B, N, H, d)
-        plain = out_t[bi, pos]
-        blended = plain + state.alpha * (hier.permute(0, 2, 1, 3)[bi, ri] - plain)
-        return out_t.index_put((bi, pos), blended).transpose(1, 2)
-
-    def _dense(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, state: HighResState) -> Tensor:
-        """Cross-attention baseline: every row also attends to every HR token of its image."""
-        hr_valid = state.hr_valid.flatten(1)
-        k_buf, v_buf = state.projected_kv(self, hr_valid)
-        b, n = q.shape[0], q.shape[2]
-        rows = torch.arange(n, device=q.device).expand(b, n)
-        seq_mask = causal_key_mask(rows, inputs.past_len, inputs.key_valid, k.shape[2])
-        mask = torch.cat((seq_mask, hr_valid.unsqueeze(1).expand(-1, n, -1)), dim=-1).unsqueeze(1)
-        keys = torch.cat((k, k_buf.transpose(1, 2)), dim=2)
-        values = torch.cat((v, v_buf.transpose(1, 2)), dim=2)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              enable_gqa=self.num_heads != self.num_kv_heads)
+        """HR features (..., n, D) with their RoPE (..., n, d) -> keys with RoPE and values without
+        (as the release): (B, kv_heads, n, d) for batched input, (n, kv_heads, d) for a flat list."""
+        k = self._heads(self.k_hr_proj(features), self.num_kv_heads)
+        v = self._heads(self.v_hr_proj(features), self.num_kv_heads)
+        if features.ndim == 2:  # a flat list of tokens: rotate as one sample, return token-major
+            return apply_rope(k.unsqueeze(0), cos[None], sin[None])[0].transpose(0, 1), v.transpose(0, 1)
+        return apply_rope(k, cos, sin), v
 
 
-def _union(idx: Tensor, valid: Tensor, num_tokens: int) -> Tensor:
-    """(B, M) bool: HR tokens selected by any row of the sample."""
-    union = torch.zeros(idx.shape[0], num_tokens, dtype=torch.bool, device=idx.device)
-    bi = torch.arange(idx.shape[0], device=idx.device)[:, None, None].expand_as(idx)
-    return union.index_put((bi[valid], idx[valid]), torch.ones((), dtype=torch.bool, device=idx.device))
+def flex_layer(
+    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    selection: Selection | None, state: HighResState, need_map: bool, impl: str = "fused",
+) -> tuple[Tensor, Tensor | None]:
+    """A decoder layer in flex mode, its attention computed by ``FLEX_IMPLS[impl]``.
+    -> (hidden states, the rows' map or None)."""
+    attention = FLEX_IMPLS[impl]
+    out, probs = attention(layer.self_attn, layer.input_layernorm(x), inputs, cache, rows, selection, state, need_map)
+    return layer.feed_forward(x + out), probs
+
+
+def cross_attention_layer(
+    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    state: HighResState,
+) -> Tensor:
+    """A decoder layer of the cross-attention baseline (see ``cross_attention``)."""
+    return layer.feed_forward(x + cross_attention(layer.self_attn, layer.input_layernorm(x), inputs, cache, rows,
+                                                  state))
+
+
+def flex_attention(
+    attn: Attention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    selection: Selection | None, state: HighResState, need_map: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Self-attention in which the selecting ``rows`` also attend to their ``selection`` of HR tokens
+    (None: plain self-attention, as in the layer whose map seeds the first selection).
+    -> (output (B, N, D), the rows' plain softmax over the sequence keys (B, heads, R, keys) when
+    ``need_map``, else None)."""
+    q, k, v = attn.qkv(x, inputs, cache)
+    visible = rows.visible
+    high_res = state.high_res_kv(attn, selection) if selection is not None else None
+    if q.shape[2] == 1:
+        out, probs = _single_row(attn, q, k, v, visible, high_res, state.alpha)
+        return attn.output(out), probs if need_map else None
+    out = attn.sequence_attention(q, k, v, inputs)
+    q_rows = gather_rows(q, rows.rows)
+    if high_res is not None:
+        out = _scatter_rows(out, _attend(attn, q_rows, k, v, visible, high_res), rows, state.alpha)
+    probs = None
+    if need_map:
+        with torch.set_grad_enabled(state.map_grad and torch.is_grad_enabled()):
+            probs = attn.row_scores(q_rows, k).masked_fill(~visible, float("-inf")).softmax(-1)
+    return attn.output(out), probs
+
+
+def release_flex_attention(
+    attn: Attention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    selection: Selection | None, state: HighResState, need_map: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``flex_attention`` computed as the authors' training does: every row scores every HR key
+    through an additive mask and the whole (N, N + M) attention map is materialised. The same
+    result at a higher cost; kept as the baseline the benchmarks compare against."""
+    q, k, v = attn.qkv(x, inputs, cache)
+    b, _, n, _ = q.shape
+    all_rows = torch.arange(n, device=q.device).expand(b, n)
+    visible = causal_key_mask(all_rows, inputs.past_len, inputs.key_valid, k.shape[2]).unsqueeze(1)
+    scores = attn.row_scores(q, k).masked_fill(~visible, float("-inf"))
+    plain = scores.softmax(-1)
+    out = attn.row_values(plain, v)
+    if selection is not None:
+        every = state.high_res_kv(attn, state.all_tokens())
+        m = every.k.shape[2]
+        bi, ri = rows.valid.nonzero(as_tuple=True)
+        row_sees = selection.rows_see(rows.rows.shape[1])  # (B, R, tokens of the selection)
+        if selection.tokens is not None:  # onto the whole high-res grid
+            on_grid = torch.zeros(*row_sees.shape[:2], m, dtype=torch.bool, device=q.device)
+            row_sees = on_grid.scatter_(-1, selection.tokens[:, None].expand_as(row_sees), row_sees)
+        sees = torch.zeros(b, n, m, dtype=torch.bool, device=q.device).index_put((bi, rows.rows[bi, ri]), row_sees[bi, ri])
+        additive = torch.zeros(sees.shape, dtype=q.dtype, device=q.device).masked_fill(~sees, float("-inf"))
+        probs = torch.cat((scores, attn.row_scores(q, every.k) + additive.unsqueeze(1)), dim=-1).softmax(-1)
+        hier = attn.row_values(probs[..., : k.shape[2]], v) + attn.row_values(probs[..., k.shape[2]:], every.v)
+        out = out + state.alpha * (hier - out)  # rows that select nothing: hier == plain
+    probs = gather_rows(plain, rows.rows) if need_map else None
+    return attn.output(out), probs if probs is None or state.map_grad else probs.detach()
+
+
+def cross_attention(
+    attn: Attention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    state: HighResState,
+) -> Tensor:
+    """Self-attention in which every row (``rows``: all of them) also attends to every HR token
+    (the XAttn baseline)."""
+    q, k, v = attn.qkv(x, inputs, cache)
+    n = q.shape[2]
+    high_res = state.high_res_kv(attn, state.all_tokens())
+    if n == 1:
+        return attn.output(_single_row(attn, q, k, v, rows.visible, high_res, alpha=1.0)[0])
+    return attn.output(_attend(attn, q, k, v, rows.visible, high_res))
+
+
+FLEX_IMPLS = {"fused": flex_attention, "release": release_flex_attention}
+
+
+def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, high_res: HighResKV) -> Tensor:
+    """Query rows (B, heads, R, d) over [their visible sequence keys ; the HR keys they see], fused."""
+    return F.scaled_dot_product_attention(
+        q, torch.cat((k, high_res.k), dim=2), torch.cat((v, high_res.v), dim=2),
+        attn_mask=torch.cat((visible, high_res.selection.rows_see(q.shape[2]).unsqueeze(1)), dim=-1),
+        enable_gqa=attn.num_heads != attn.num_kv_heads,
+    )
+
+
+def _single_row(
+    attn: Attention, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, high_res: HighResKV | None,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """One query row per sample (a decoding step), eagerly: its scores over the sequence give both
+    the plain map and, with the HR scores, the hierarchical output. -> (output, plain probs)."""
+    scores = attn.row_scores(q, k)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    plain = scores.softmax(-1)
+    if high_res is None:
+        return attn.row_values(plain, v), plain
+    hr_scores = attn.row_scores(q, high_res.k)
+    if high_res.selection.row_mask is not None:
+        hr_scores = hr_scores.masked_fill(~high_res.selection.row_mask.unsqueeze(1), float("-inf"))
+    probs = torch.cat((scores, hr_scores), dim=-1).softmax(-1)
+    keys = k.shape[2]
+    hier = attn.row_values(probs[..., :keys], v) + attn.row_values(probs[..., keys:], high_res.v)
+    if alpha == 1.0:
+        return hier, plain
+    plain_out = attn.row_values(plain, v)
+    return plain_out + alpha * (hier - plain_out), plain
+
+
+def _scatter_rows(out: Tensor, hier: Tensor, rows: SelectingRows, alpha: float) -> Tensor:
+    """Write the selecting rows' hierarchical output (B, heads, R, d) into ``out`` (B, heads, N, d),
+    blended with the plain output by ``alpha``; padded rows keep the plain output."""
+    bi, ri = rows.valid.nonzero(as_tuple=True)
+    pos = rows.rows[bi, ri]
+    out_t = out.transpose(1, 2)  # (B, N, heads, d)
+    plain = out_t[bi, pos]
+    blended = plain + alpha * (hier.transpose(1, 2)[bi, ri] - plain)
+    return out_t.index_put((bi, pos), blended).transpose(1, 2)

@@ -3,9 +3,9 @@
 
 Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``...),
 so a Llama / Vicuna / Qwen2 state dict loads without a rename table. The decoder knows nothing of
-FlexAttention: it can *probe* the attention rows of chosen query positions at chosen layers and
-hand them to a callback, and it passes an opaque ``high_res`` state to its attention modules;
-``flexvlm.models.flex_attention`` builds on those two hooks.
+FlexAttention: ``flexvlm.models.vlm`` runs its own loop over these layers (``attention_inputs``,
+``DecoderLayer.feed_forward``, ``checkpointed``) and ``flexvlm.models.flex_attention`` uses the
+attention's pieces (``qkv``, ``row_scores``, ``row_values``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class LlamaConfig:
 
 
 PRESETS: dict[str, LlamaConfig] = {
-    # the built-in synthetic task's decoder (SYNTHETIC.md: width 64, 4 heads, 3 layers)
+    # the built-in synthetic task's decoder (docs/synthetic-task.md: width 64, 4 heads, 3 layers)
     "tiny": LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                         max_position_embeddings=512),
     "small": LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
@@ -112,35 +112,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer keys and values of the sequence (never high-res tokens), grown by concatenation."""
+    """Per-layer keys and values of the sequence (never high-res tokens). Written in place into
+    buffers that grow by half when full, so that a decoding step copies its new key, not the whole cache."""
 
     def __init__(self) -> None:
-        self.layers: dict[int, tuple[Tensor, Tensor]] = {}
+        self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (B, kv_heads, capacity, d) K, V
+        self._lengths: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+        return next(iter(self._lengths.values()), 0)
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if layer_idx in self.layers:
-            past_k, past_v = self.layers[layer_idx]
-            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
-        self.layers[layer_idx] = (k, v)
-        return k, v
+        """Append (B, kv_heads, n, d) keys and values; -> all of the layer's keys and values so far."""
+        start = self._lengths.get(layer_idx, 0)
+        end = start + k.shape[2]
+        k_buf, v_buf = self._buffers.get(layer_idx, (k[:, :, :0], v[:, :, :0]))
+        if end > k_buf.shape[2]:
+            k_buf, v_buf = (_grown(buf, start, max(end + end // 2, 64)) for buf in (k_buf, v_buf))
+            self._buffers[layer_idx] = (k_buf, v_buf)
+        k_buf[:, :, start:end] = k
+        v_buf[:, :, start:end] = v
+        self._lengths[layer_idx] = end
+        return k_buf[:, :, :end], v_buf[:, :, :end]
 
 
-@dataclass
-class RowProbe:
-    """Which query rows to observe and what to do with their attention.
-
-    ``rows`` (B, R) are positions in the current chunk, ``valid`` (B, R) marks the real ones (rows
-    are padded per sample). At every layer in ``layers`` the attention modules compute the plain
-    softmax of those rows over the sequence keys, (B, heads, R, keys), and pass it to ``callback``.
-    """
-
-    rows: Tensor
-    valid: Tensor
-    layers: frozenset[int]
-    callback: Callable[[int, Tensor], None]
+def _grown(buffer: Tensor, length: int, capacity: int) -> Tensor:
+    """A (B, heads, capacity, d) buffer holding the first ``length`` positions of ``buffer``."""
+    grown = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[-1])
+    grown[:, :, :length] = buffer[:, :, :length]
+    return grown
 
 
 @dataclass
@@ -152,8 +152,6 @@ class AttentionInputs:
     past_len: int
     key_valid: Tensor | None  # (B, keys) True for real tokens; None: no padding
     sdpa_mask: Tensor | None  # (B, 1, N, keys) bool for SDPA; None: plain causal
-    probe: RowProbe | None = None
-    high_res: Any = None  # the state FlexAttention layers read; plain layers ignore it
 
 
 def causal_key_mask(rows: Tensor, past_len: int, key_valid: Tensor | None, num_keys: int) -> Tensor:
@@ -233,21 +231,13 @@ class Attention(nn.Module):
         out = probs.reshape(b, self.num_kv_heads, (h // self.num_kv_heads) * r, n) @ v
         return out.view(b, h, r, v.shape[-1])
 
-    def probe_scores(self, q: Tensor, k: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
-        """Masked scores of the probed rows over the sequence keys, and their visibility mask."""
-        probe = inputs.probe
-        scores = self.row_scores(gather_rows(q, probe.rows), k)
-        visible = causal_key_mask(probe.rows, inputs.past_len, inputs.key_valid, k.shape[2]).unsqueeze(1)
-        return scores.masked_fill(~visible, float("-inf")), visible
+    def output(self, out: Tensor) -> Tensor:
+        """(B, heads, N, d) attention output -> (B, N, D) through o_proj."""
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> Tensor:
         q, k, v = self.qkv(x, inputs, cache)
-        out = self.sequence_attention(q, k, v, inputs)
-        probe = inputs.probe
-        if probe is not None and self.layer_idx in probe.layers:
-            scores, _ = self.probe_scores(q, k, inputs)
-            probe.callback(self.layer_idx, scores.softmax(-1))
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self.output(self.sequence_attention(q, k, v, inputs))
 
 
 class MLP(nn.Module):
@@ -270,7 +260,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), inputs, cache)
+        return self.feed_forward(x + self.self_attn(self.input_layernorm(x), inputs, cache))
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The second half of the block, after the attention residual: x + MLP(norm(x))."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -284,7 +277,7 @@ class LlamaModel(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """LLaMA-family causal LM on input embeddings, with an optional KV cache and row probes."""
+    """LLaMA-family causal LM on input embeddings, with an optional KV cache."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -312,30 +305,37 @@ class LanguageModel(nn.Module):
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.model.rotary_emb(position_ids, dtype)
 
-    def forward(
-        self,
-        inputs_embeds: Tensor,
-        attention_mask: Tensor | None = None,
-        cache: KVCache | None = None,
-        probe: RowProbe | None = None,
-        high_res: Any = None,
+    def attention_inputs(
+        self, inputs_embeds: Tensor, attention_mask: Tensor | None, cache: KVCache | None,
         position_ids: Tensor | None = None,
-    ) -> Tensor:
-        """Hidden states after the final norm. ``attention_mask`` (B, past + N) covers cached keys too."""
+    ) -> AttentionInputs:
+        """RoPE tables and masks for one forward. ``attention_mask`` (B, past + N) covers cached keys too."""
         batch, n, _ = inputs_embeds.shape
         past_len = len(cache) if cache is not None else 0
         if position_ids is None:
             position_ids = self.position_ids(attention_mask, batch, n, past_len, inputs_embeds.device)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         key_valid = attention_mask.bool() if attention_mask is not None else None
-        inputs = build_attention_inputs(cos, sin, past_len, key_valid)
-        inputs.probe, inputs.high_res = probe, high_res
+        return build_attention_inputs(cos, sin, past_len, key_valid)
+
+    def checkpointed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Hidden states after the final norm. ``attention_mask`` (B, past + N) covers cached keys too."""
+        inputs = self.attention_inputs(inputs_embeds, attention_mask, cache, position_ids)
         x = inputs_embeds
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, inputs, None, use_reentrant=False)
-            else:
-                x = layer(x, inputs, cache)
+            x = self.checkpointed(layer, x, inputs, cache)
         return self.model.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -19,8 +19,11 @@ from torch import Tensor, nn
 from flexvlm.checkpoints import PretrainedWeights
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.encoder import DualPathEncoder
-from flexvlm.models.flex_attention import FlexAttention, HighResState, interpolate_rope, pack_rows
-from flexvlm.models.llm import KVCache, LanguageModel, LlamaConfig, RowProbe
+from flexvlm.models.flex_attention import (
+    FLEX_IMPLS, FlexAttention, HighResState, Selection, SelectingRows, cross_attention_layer, flex_layer,
+    interpolate_rope,
+)
+from flexvlm.models.llm import KVCache, LanguageModel, LlamaConfig
 from flexvlm.models.projector import build_projector
 from flexvlm.models.vision import VisionBackbone
 from flexvlm.selection import SelectionStrategy, build_selection, valid_grid
@@ -51,6 +54,7 @@ class VLMOutput:
     selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, G, G)
     selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, g, g), see HighResState.maps
     sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
+    row_fraction: Tensor | None = None  # (B, R) HR fraction used per selecting row, mean over FA layers
 
 
 class FlexVLM(nn.Module):
@@ -70,16 +74,22 @@ class FlexVLM(nn.Module):
         high_res_grad: bool = False,
         gradient_checkpointing: bool = False,
         pretrained: PretrainedWeights | None = None,
+        flex_impl: str = "fused",
     ) -> None:
         """``llm`` names a preset of ``LlamaConfig`` and ``llm_overrides`` changes its fields.
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
         (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends).
         ``gradient_checkpointing`` recomputes decoder layers in the backward pass to save memory.
-        ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' then copy them)."""
+        ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' then copy them).
+        ``flex_impl``: ``fused`` (only the selecting rows and their selected tokens cost extra) or
+        ``release`` (every row scores every HR key through a mask, as the authors' training; the same
+        result, kept as a baseline for the benchmarks)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
-        self.mode = mode
+        if flex_impl not in FLEX_IMPLS:
+            raise ValueError(f"unknown flex_impl {flex_impl!r}; valid: {list(FLEX_IMPLS)}")
+        self.mode, self.flex_impl = mode, flex_impl
         self.config = LlamaConfig.from_name(llm, **(llm_overrides or {}))
         self.encoder = DualPathEncoder(backbone, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad)
         self.projector = build_projector(projector, backbone.embed_dim, self.config.hidden_size)
@@ -125,8 +135,12 @@ class FlexVLM(nn.Module):
         content_box: Tensor | None = None,
         labels: Tensor | None = None,
         alpha: float = 1.0,
+        high_res_kv: str = "lazy",
+        map_grad: bool = False,
     ) -> MultimodalInputs:
-        """Encode the images and splice their tokens in place of each row's single ``<image>`` id."""
+        """Encode the images and splice their tokens in place of each row's single ``<image>`` id.
+        ``high_res_kv`` (``lazy`` / ``prefill``): how a generation projects HR K/V; ``map_grad``: the
+        selecting maps keep their gradient (see HighResState)."""
         lr_features = self.encoder.encode_low_res(images) if self.mode != "hd" else None
         hr_features = self.encoder.encode_high_res(images) if self.mode != "lr_only" else None
         in_sequence = self.projector(hr_features if self.mode == "hd" else lr_features)
@@ -135,7 +149,8 @@ class FlexVLM(nn.Module):
         if self.uses_high_res_attention:
             if content_box is None:
                 content_box = images.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(images.shape[0], 4)
-            inputs.high_res = self._high_res_state(inputs, self.projector(hr_features), content_box, alpha)
+            inputs.high_res = self._high_res_state(inputs, self.projector(hr_features), content_box, alpha,
+                                                   high_res_kv, map_grad)
         return inputs
 
     def _splice(
@@ -168,7 +183,8 @@ class FlexVLM(nn.Module):
         return embeds, mask, labels, image_start
 
     def _high_res_state(
-        self, inputs: MultimodalInputs, hr_tokens: Tensor, content_box: Tensor, alpha: float
+        self, inputs: MultimodalInputs, hr_tokens: Tensor, content_box: Tensor, alpha: float, kv_mode: str,
+        map_grad: bool,
     ) -> HighResState:
         g, hr_grid = self.encoder.lr_grid, self.encoder.hr_grid
         b, n = inputs.attention_mask.shape
@@ -178,18 +194,37 @@ class FlexVLM(nn.Module):
         hr_cos, hr_sin = interpolate_rope(cos, sin, g, hr_grid)
         return HighResState(
             hr_tokens, hr_cos, hr_sin, lr_index, valid_grid(content_box, g), valid_grid(content_box, hr_grid),
-            self.selection, dense=self.mode == "xattn", alpha=alpha,
+            self.selection, dense=self.mode == "xattn", alpha=alpha, kv_mode=kv_mode, map_grad=map_grad,
         )
 
-    def probe_for(self, state: HighResState | None, row_mask: Tensor) -> RowProbe | None:
-        """The row probe of flex mode: the rows in ``row_mask`` select; layers N_SA-1 .. L-2 select
-        for the layer after them."""
-        if state is None or state.dense:
-            return None
-        rows, valid = pack_rows(row_mask)
-        return state.probe(rows, valid, frozenset(range(self.num_sa_layers - 1, self.config.num_layers - 1)))
-
     # -- forward --------------------------------------------------------------------------------
+    def decode(
+        self, embeds: Tensor, attention_mask: Tensor, row_mask: Tensor, state: HighResState | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """The decoder loop: hidden states after the final norm. In flex mode the rows in ``row_mask``
+        (B, N) select: layer N_SA - 1's attention map selects layer N_SA's HR tokens, and so on, each
+        layer handing its map to the next. ``attention_mask`` covers cached keys too."""
+        llm = self.llm
+        inputs = llm.attention_inputs(embeds, attention_mask, cache)
+        x = embeds
+        if state is not None:  # cross-attention: every row attends to the HR tokens
+            state.start_step(SelectingRows.from_mask(torch.ones_like(row_mask) if state.dense else row_mask, inputs))
+        first_special = self.num_sa_layers if state is None or state.dense else self.num_sa_layers - 1
+        selection: Selection | None = None
+        for i, layer in enumerate(llm.layers):
+            if state is None or i < first_special:
+                x = llm.checkpointed(layer, x, inputs, cache)
+            elif state.dense:
+                x = llm.checkpointed(cross_attention_layer, layer, x, inputs, cache, state.rows, state)
+            else:
+                need_map = i + 1 < len(llm.layers)
+                x, probs = llm.checkpointed(flex_layer, layer, x, inputs, cache, state.rows, selection, state,
+                                            need_map, self.flex_impl)
+                # selected outside the checkpointed layer, so that a recomputed layer sees the same tokens
+                selection = state.select(i + 1, probs) if need_map else None
+        return llm.model.norm(x)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -199,36 +234,35 @@ class FlexVLM(nn.Module):
         labels: Tensor | None = None,
         alpha: float = 1.0,
         select_last: int = 1,
+        map_grad: bool = False,
     ) -> VLMOutput:
         """Teacher-forced pass. With ``labels`` the loss covers the answer tokens and every row that
         predicts one selects its own HR tokens; without, the last ``select_last`` rows select (what
-        cached generation does: the last prompt row, then each generated token's row)."""
-        inputs = self.prepare(input_ids, attention_mask, images, content_box, labels, alpha)
+        cached generation does: the last prompt row, then each generated token's row).
+        ``map_grad``: ``selection_maps`` keep their gradient (a training objective on them)."""
+        inputs = self.prepare(input_ids, attention_mask, images, content_box, labels, alpha, map_grad=map_grad)
         if inputs.labels is not None:
             row_mask = F.pad(inputs.labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
         else:
             row_mask = torch.zeros_like(inputs.attention_mask, dtype=torch.bool)
             row_mask[:, -select_last:] = True
-        probe = self.probe_for(inputs.high_res, row_mask)
-        hidden = self.llm(inputs.embeds, inputs.attention_mask, probe=probe, high_res=inputs.high_res)
+        hidden = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res)
         logits = self.llm.logits(hidden)
         loss = None
         if inputs.labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
         state = inputs.high_res
-        return VLMOutput(
-            logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
-            selected_fraction=dict(state.selected_fraction) if state else {},
-            selection_masks=dict(state.masks) if state else {},
-            selection_maps=dict(state.maps) if state else {},
-            sample_fraction=state.sample_fraction() if state and state.row_fractions else None,
-        )
+        out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features)
+        if state is not None:
+            out.selected_fraction, out.selection_masks = state.selected_fraction, dict(state.masks)
+            out.selection_maps, out.sample_fraction = dict(state.maps), state.sample_fraction()
+            out.row_fraction = state.row_fraction()
+        return out
 
     def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResState | None) -> Tensor:
         """One cached decoding step (or a prefill): the last row of each sample selects. -> logits."""
         row_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         row_mask[:, -1] = True
-        probe = self.probe_for(high_res, row_mask)
-        hidden = self.llm(embeds, attention_mask, cache=cache, probe=probe, high_res=high_res)
+        hidden = self.decode(embeds, attention_mask, row_mask, high_res, cache)
         return self.llm.logits(hidden[:, -1:])

@@ -8,7 +8,8 @@ for each of those rows. Strategies that do not look at the map (random, center) 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,20 @@ class SelectionContext:
     lr_valid: Tensor  # (B, g, g) bool: cell shows the image, not the square-padding border
     hr_valid: Tensor  # (B, G, G) bool: the same on the high-res grid
     layer: int  # index of the decoder layer the selection is for
+    # what depends on the images only, computed once per generation instead of at every layer and
+    # step; shared by the contexts of one image batch (dataclasses.replace keeps the same dict)
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per image batch and ``key`` (for results that depend on the images
+        and the strategy's settings only, never on the attention map)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def block_valid(self, blocks: int) -> Tensor:
+        """(B, b, b) bool: blocks of a b x b grid that hold at least one high-res token of the image."""
+        return self.memo(("block_valid", blocks), lambda: F.adaptive_max_pool2d(self.hr_valid.float(), blocks) > 0)
 
 
 class SelectionStrategy(ABC):
@@ -60,20 +75,20 @@ class BlockSelection(SelectionStrategy):
     def blocks(self, ctx: SelectionContext) -> int:
         return self.block_grid or ctx.lr_grid
 
-    def block_valid(self, ctx: SelectionContext) -> Tensor:
-        """(B, b, b) bool: blocks that hold at least one high-res token of the image."""
-        return F.adaptive_max_pool2d(ctx.hr_valid.float(), self.blocks(ctx)) > 0
-
     @abstractmethod
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
         """(B, R, b, b) bool block mask."""
 
     def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
-        block_valid = self.block_valid(ctx)
+        block_valid = ctx.block_valid(self.blocks(ctx))
         blocks = self.select_blocks(attn_map, block_valid, ctx) & block_valid.unsqueeze(1)
-        b, r = blocks.shape[:2]
-        hr = F.interpolate(blocks.flatten(0, 1).unsqueeze(1).float(), size=(ctx.hr_grid, ctx.hr_grid), mode="nearest")
-        return hr.view(b, r, ctx.hr_grid, ctx.hr_grid) > 0
+        b, r, n, _ = blocks.shape
+        size = ctx.hr_grid
+        if size % n == 0:  # whole blocks of f x f tokens: one expanding copy
+            f = size // n
+            return blocks[:, :, :, None, :, None].expand(b, r, n, f, n, f).reshape(b, r, size, size)
+        hr = F.interpolate(blocks.flatten(0, 1).unsqueeze(1).float(), size=(size, size), mode="nearest")
+        return hr.view(b, r, size, size) > 0
 
 
 class Budget:
@@ -95,12 +110,18 @@ class Budget:
             return available.clamp(max=self.top_k)
         return (available.float() * self.ratio).round().long().clamp(min=1)
 
-    def keep_best(self, scores: Tensor, block_valid: Tensor) -> Tensor:
+    def keep_best(self, scores: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
         """(B, R, b, b) scores -> bool mask of each row's best ``count`` valid blocks."""
         flat = scores.flatten(2).masked_fill(~block_valid.flatten(1).unsqueeze(1), float("-inf"))
-        rank = flat.argsort(-1, descending=True).argsort(-1)
-        keep = rank < self.count(block_valid)[:, None, None]
-        return keep.view_as(scores)
+        # which ranks each sample keeps depends on the image only: worked out once per image batch
+        keep = ctx.memo(("budget", self.ratio, self.top_k, block_valid.shape[-1]), lambda: self._ranks_kept(block_valid))
+        best = flat.topk(keep.shape[-1], dim=-1).indices
+        return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, best, keep.expand_as(best)).view_as(scores)
+
+    def _ranks_kept(self, block_valid: Tensor) -> Tensor:
+        """(B, 1, k) bool: rank j < count of the sample, k the largest count."""
+        count = self.count(block_valid)
+        return (torch.arange(int(count.max()), device=count.device) < count[:, None]).unsqueeze(1)
 
 
 def valid_grid(content_box: Tensor, grid: int) -> Tensor:

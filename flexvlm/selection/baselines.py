@@ -26,7 +26,7 @@ class RandomSelection(BlockSelection):
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
         b = self.blocks(ctx)
         scores = torch.rand((*attn_map.shape[:2], b, b), generator=self.generator).to(attn_map.device)
-        return self.budget.keep_best(scores, block_valid)
+        return self.budget.keep_best(scores, block_valid, ctx)
 
 
 @SELECTION.register("center")
@@ -38,8 +38,15 @@ class CenterSelection(BlockSelection):
         self.budget = Budget(None if top_k is not None else ratio, top_k)
 
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
-        b = self.blocks(ctx)
-        coords = torch.arange(b, device=attn_map.device, dtype=torch.float32) + 0.5
+        # the choice depends on the image's geometry only: made once per image batch
+        key = ("center", self.blocks(ctx), self.budget.ratio, self.budget.top_k)
+        chosen = ctx.memo(key, lambda: self._central_blocks(block_valid, ctx))
+        return chosen.unsqueeze(1).expand(-1, attn_map.shape[1], -1, -1)
+
+    def _central_blocks(self, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
+        """(B, b, b) valid blocks -> (B, b, b) bool: the budget's blocks closest to their centre."""
+        b = block_valid.shape[-1]
+        coords = torch.arange(b, device=block_valid.device, dtype=torch.float32) + 0.5
         weights = block_valid.float()
         total = weights.sum(dim=(-1, -2)).clamp(min=1)
         cy = (weights.sum(-1) * coords).sum(-1) / total  # centre of the valid blocks, per sample
@@ -47,8 +54,7 @@ class CenterSelection(BlockSelection):
         dist = (coords.view(1, b, 1) - cy.view(-1, 1, 1)) ** 2 + (coords.view(1, 1, b) - cx.view(-1, 1, 1)) ** 2
         # a tiny row-major tie-break keeps the choice deterministic among equidistant blocks
         tie = torch.arange(b * b, device=dist.device).view(b, b) * 1e-6
-        scores = -(dist + tie).unsqueeze(1).expand(-1, attn_map.shape[1], -1, -1)
-        return self.budget.keep_best(scores, block_valid)
+        return self.budget.keep_best(-(dist + tie).unsqueeze(1), block_valid, ctx)[:, 0]
 
 
 @SELECTION.register("all")
