@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from open_clip.transformer import QuickGELU
@@ -39,6 +39,7 @@ __all__ = [
     "load_clip_vision",
     "load_projector",
     "load_llava",
+    "load_run_weights",
 ]
 
 StateDict = dict[str, Tensor]
@@ -197,13 +198,14 @@ def _check_clip_config(visual: nn.Module, hf: dict, source: str) -> None:
 
 
 # -- loaders ----------------------------------------------------------------------------------------
-def _high_res_copies(llm: LanguageModel, state: StateDict) -> StateDict:
-    """W_K', W_V' of FlexAttention layers exist in no released checkpoint: they start as the loaded
-    W_K, W_V (the paper's initialisation)."""
+def _high_res_copies(names: Iterable[str], state: StateDict) -> StateDict:
+    """The W_K', W_V' among ``names`` (a model's parameter names) that ``state`` lacks (a LLaMA
+    checkpoint, or a run without FlexAttention in that layer): they start as the same layer's
+    loaded W_K, W_V (the paper's initialisation)."""
     return {
         name: state[source]
-        for name in llm.state_dict()
-        if "_hr_proj." in name and (source := name.replace("_hr_proj.", "_proj.")) in state
+        for name in names
+        if "_hr_proj." in name and name not in state and (source := name.replace("_hr_proj.", "_proj.")) in state
     }
 
 
@@ -213,7 +215,7 @@ def _load_llama_state(llm: LanguageModel, state: StateDict, source: str, hf_conf
     state = llama_from_hf(state)
     if llm.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: saved once
-    load_state_dict_strict(llm, {**state, **_high_res_copies(llm, state)}, source)
+    load_state_dict_strict(llm, {**state, **_high_res_copies(llm.state_dict(), state)}, source)
 
 
 def load_llama_weights(llm: LanguageModel, path: str | Path) -> None:
@@ -351,6 +353,23 @@ def load_llava(model: FlexVLM, path: str | Path, vision: str | Path | None = Non
             f"{source} ({layout.name}) holds no vision tower (its config names "
             f"{config.get('mm_vision_tower')!r}); give the local CLIP folder as `vision`"
         )
+
+
+def load_run_weights(model: nn.Module, aux_objective: nn.Module | None, path: str | Path) -> None:
+    """Start from another flexvlm run's weights (its Lightning checkpoint, e.g. ``last.ckpt``),
+    without its optimizer or step count: the VLM's tensors strictly (W_K', W_V' that the source
+    lacks, e.g. a low-res-only run, start as the same layer's W_K, W_V), and the auxiliary
+    objective's when both runs have one. A mismatch lists the names and shapes involved."""
+    source = str(path)
+    checkpoint = read_state_dict(path)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{source} is not a Lightning checkpoint of a flexvlm run (no 'state_dict'); "
+                         f"keys: {sorted(checkpoint)[:10]}")
+    parts = _take(checkpoint["state_dict"], {"model.": ("model", ""), "aux_objective.": ("aux", "")}, source)
+    names = model.state_dict()
+    load_state_dict_strict(model, {**_high_res_copies(names, parts["model"]), **parts["model"]}, source)
+    if aux_objective is not None and parts["aux"]:
+        load_state_dict_strict(aux_objective, parts["aux"], source)
 
 
 class PretrainedWeights:

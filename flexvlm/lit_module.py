@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from flexvlm.checkpoints import load_run_weights
 from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
 from flexvlm.generate import generate
 from flexvlm.models.flex_attention import HIGH_RES_KV_MODES
@@ -33,6 +34,7 @@ class FlexVLMModule(L.LightningModule):
         stop_strings: list[str] | None = None,
         eval_loss: bool = True,
         high_res_kv: str = "lazy",
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -52,6 +54,9 @@ class FlexVLMModule(L.LightningModule):
             high_res_kv: how generation projects high-res K/V (``flexvlm.generate``): ``lazy`` (a
                 token when first selected; cheapest for short answers) or ``prefill`` (all at the
                 first step; cheaper per step for long answers, see docs/benchmarks.md).
+            init_from: start from another run's weights (its ``.ckpt``) but not its optimizer or
+                step count, e.g. every mode of a study from one low-res-only run; W_K', W_V' that
+                the source lacks start as W_K, W_V (``flexvlm.checkpoints.load_run_weights``).
 
         Answers are scored by the datamodule's ``protocol`` (``flexvlm.evaluation``) if it has
         one, else by ``GenerationVQA``.
@@ -63,6 +68,8 @@ class FlexVLMModule(L.LightningModule):
         self.model = model
         self.aux_objective = aux_objective
         self.stop_strings = stop_strings or []
+        if init_from is not None:
+            load_run_weights(self.model, aux_objective, init_from)
         self._freeze(freeze or [])
         self.protocol: EvaluationProtocol = GenerationVQA()
         # torchmetrics means rather than self.log(sync_dist=True): Lightning's synced mean floors the

@@ -149,3 +149,36 @@ def test_strategy_from_outside_the_package_by_class_path(tmp_path, monkeypatch):
     batch = next(iter(cli.datamodule.train_dataloader()))
     out = cli.model.model(batch["input_ids"], batch["attention_mask"], batch["images"], labels=batch["labels"])
     assert all(abs(float(f) - 12 / 144) < 1e-6 for f in out.selected_fraction.values())
+
+
+def test_init_from_another_run_starts_from_its_weights_not_its_optimizer(tmp_path):
+    """Stage 2 of the paper's protocol: every mode starts from one low-res-only run's weights."""
+    lr_only = ROOT / "experiments" / "synthetic" / "lr_only.yaml"
+    main(["fit", "--config", BASE, "--config", str(lr_only), *_small(tmp_path, "stage1"), "--trainer.max_steps", "2"])
+    source = tmp_path / "stage1" / "v" / "checkpoints" / "last.ckpt"
+    trained = torch.load(source, weights_only=True)["state_dict"]
+
+    flex = ROOT / "experiments" / "synthetic" / "flex_attn.yaml"
+    stage2 = ["--config", BASE, "--config", str(flex), *_small(tmp_path, "stage2"), "--model.init_from", str(source)]
+    module = main(stage2, run=False).model
+    state = module.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in trained.items())  # VLM and aux objective
+    for i in module.model.flex_layers:  # W_K', W_V' the low-res run lacks start as its W_K, W_V
+        prefix = f"model.llm.model.layers.{i}.self_attn."
+        assert torch.equal(state[prefix + "k_hr_proj.weight"], trained[prefix + "k_proj.weight"])
+        assert torch.equal(state[prefix + "v_hr_proj.weight"], trained[prefix + "v_proj.weight"])
+
+    main(["fit", *stage2, "--trainer.max_steps", "1"])
+    assert torch.load(tmp_path / "stage2" / "v" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+    with pytest.raises(ValueError, match=r"projector.0.weight: checkpoint \(64, 64\) vs model \(64, 32\)"):
+        main([*stage2, "--model.model.backbone.init_args.embed_dim", "32",
+              "--model.aux_objective.init_args.embed_dim", "32"], run=False)
+
+
+def test_fit_and_test_with_bf16_weights(tmp_path):
+    """trainer.precision bf16-true: the whole model and its inputs in bf16, as on a GPU."""
+    main(["fit", "--config", BASE, *_small(tmp_path), "--trainer.max_steps", "2", "--trainer.precision", "bf16-true",
+          "--test_after_fit", "true"])
+    metrics = json.loads((tmp_path / "run" / "v" / "metrics.json").read_text())
+    assert metrics["num_questions"] == 8 and torch.isfinite(torch.tensor(metrics["test/loss"]))
