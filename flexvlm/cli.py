@@ -1,6 +1,7 @@
 """``python -m flexvlm fit|validate|test|predict --config <yaml>``: LightningCLI with omegaconf
 interpolation, the resolved config saved with each run, ``--test_after_fit`` for the main job,
-and error messages that name the valid keys when a config has a typo."""
+``--threads`` to pin torch's CPU threads, and error messages that name the valid keys when a config
+has a typo."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 from typing import NoReturn
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexvlm.lit_module import FlexVLMModule
@@ -49,6 +51,14 @@ class FlexVLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, evaluate the final weights on the test split")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="CPU threads of torch's operators (None: torch's default); results depend "
+                                 "on it, as the order of floating-point sums does, so a reproducible run pins it")
+
+    def before_instantiate_classes(self) -> None:
+        threads = self.config[self.subcommand].get("threads") if self.subcommand else self.config.get("threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):

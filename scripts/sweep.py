@@ -79,7 +79,7 @@ def run_folder(base: str, files: list[str]) -> Path:
     return Path(logger["save_dir"]) / logger["name"] / VERSION
 
 
-def run(files: list[str], args: argparse.Namespace, threads: int) -> dict:
+def run(files: list[str], args: argparse.Namespace) -> dict:
     label = "+".join(Path(f).stem for f in files)
     folder = run_folder(args.base, files)
     if (folder / "metrics.json").is_file() and not args.rerun:
@@ -89,7 +89,9 @@ def run(files: list[str], args: argparse.Namespace, threads: int) -> dict:
     command = [sys.executable, "-m", "flexvlm", subcommand, *cli_args(args.base, files, args.extra)]
     if subcommand == "fit":
         command += ["--test_after_fit", "true"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    # each run keeps its config's thread count (`threads`): results depend on it, so a run of the
+    # sweep and the same command run alone give the same figures
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = Path(args.out) / "logs" / f"{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {label}: {' '.join(command)}", flush=True)
@@ -165,12 +167,11 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every run")
     args = parser.parse_args()
     runs = expand(args.entries)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     training = [files for files in runs if not is_evaluation(files)]
     evaluation = [files for files in runs if is_evaluation(files)]
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda files: run(files, args, threads), training))
-    rows += [run(files, args, threads) for files in evaluation]
+        rows = list(pool.map(lambda files: run(files, args), training))
+    rows += [run(files, args) for files in evaluation]
     write_tables(rows, Path(args.out))
 
 

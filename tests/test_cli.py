@@ -182,3 +182,19 @@ def test_fit_and_test_with_bf16_weights(tmp_path):
           "--test_after_fit", "true"])
     metrics = json.loads((tmp_path / "run" / "v" / "metrics.json").read_text())
     assert metrics["num_questions"] == 8 and torch.isfinite(torch.tensor(metrics["test/loss"]))
+
+
+def test_same_config_seed_and_threads_give_the_same_weights(tmp_path):
+    """Reproducibility: the thread count is part of the config (torch sums in another order with
+    another count, which training amplifies), and with it pinned two runs agree bit for bit."""
+    states, before = [], torch.get_num_threads()
+    try:
+        for name in ("a", "b"):
+            main(["fit", "--config", BASE, *_small(tmp_path, name), "--trainer.max_steps", "3", "--threads", "1"])
+            assert torch.get_num_threads() == 1
+            run = tmp_path / name / "v"
+            states.append(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+            assert "threads: 1" in (run / "config.yaml").read_text()  # recorded with the run
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
