@@ -12,7 +12,8 @@ width 512. Sections:
 
 - decode: decoder prefill of a 40-token prompt; one decode step (selection staying put: center;
   and attention); whole greedy generations of 1..63 tokens (vision included), with high-res K/V
-  projected lazily or all at prefill; a batch-8 decode step against 8 batch-1 steps.
+  projected lazily or all at prefill, and the release-style layer; a batch-8 decode step against
+  8 batch-1 steps.
 - train: one forward + backward at batch 2 with 64 and 256 answer rows, after a warm-up step:
   time, and peak memory (each in a fresh process; CPU: the peak RSS above the RSS before the step,
   glibc's mmap threshold fixed so that freed tensors leave the RSS; CUDA: peak allocated). Variants:
@@ -121,12 +122,12 @@ def prefill_seconds(model: FlexVLM, batch: dict, args: argparse.Namespace) -> fl
 
 
 def decode_section(args: argparse.Namespace) -> dict:
-    names = ["lr_only", "hd", "xattn", "flex", "flex_center"]
+    names = ["lr_only", "hd", "xattn", "flex", "flex_center", "flex_release"]
     models = {name: build(name, args).eval() for name in names}
     one = {name: prompts(model, 1, args) for name, model in models.items()}
     eight = {name: prompts(models[name], 8, args) for name in ("lr_only", "flex", "flex_center")}
     batched = [("lr_only", "lazy"), ("flex", "lazy"), ("flex", "prefill"), ("flex_center", "lazy")]
-    runs = [(name, kv) for name in names for kv in (["lazy", "prefill"] if name.startswith("flex") else ["lazy"])]
+    runs = [(name, kv) for name in names for kv in (["lazy", "prefill"] if name in ("flex", "flex_center") else ["lazy"])]
     curves: dict[str, list[list[float]]] = {f"{n}/{kv}": [] for n, kv in runs}
     prefill: dict[str, list[float]] = {name: [] for name in names}
     batch_steps: dict[str, dict[int, list[float]]] = {f"{n}/{kv}": {1: [], 8: []} for n, kv in batched}

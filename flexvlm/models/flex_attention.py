@@ -236,8 +236,7 @@ class HighResState:
             return HighResKV(k, v, selection)
         if tokens is None:  # every token (cross-attention), kept in the layout attention reads
             if attn.layer_idx not in self._every:
-                with torch.no_grad():
-                    self._every[attn.layer_idx] = attn.project_high_res(self.features, self.cos, self.sin)
+                self._every[attn.layer_idx] = attn.project_high_res(self.features, self.cos, self.sin)
             return HighResKV(*self._every[attn.layer_idx], selection)
         last = self._last.get(attn.layer_idx)
         # a selection that stays put is gathered once (padded entries too: a token that turns valid
