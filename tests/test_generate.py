@@ -13,11 +13,11 @@ from flexvlm.selection import AttentionSelection
 LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 
 
-def _model(mode, selection=None):
+def _model(mode, selection=None, **kwargs):
     torch.manual_seed(0)
     backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
     return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=0 if mode == "xattn" else 1,
-                   selection=selection or AttentionSelection(top_k=3)).eval()
+                   selection=selection or AttentionSelection(top_k=3), **kwargs).eval()
 
 
 def _prompts():
@@ -103,3 +103,10 @@ def test_prefill_mode_projects_every_token_once_at_the_first_step():
     model.llm.layers[1].self_attn.k_hr_proj.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
     generate(model, ids, mask, images, max_new_tokens=4, high_res_kv="prefill")
     assert calls == [(2, 144, LLM["hidden_size"])]
+
+
+def test_release_style_layer_generates_the_same_tokens():
+    fused, release = _model("flex"), _model("flex", flex_impl="release")  # the same seed: the same weights
+    ids, mask, images = _prompts()
+    a, b = (generate(m, ids, mask, images, max_new_tokens=6) for m in (fused, release))
+    assert a.tokens == b.tokens and torch.allclose(a.hr_fraction, b.hr_fraction)
