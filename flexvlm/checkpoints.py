@@ -94,10 +94,15 @@ def _take(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -
 
 
 # -- rename tables ---------------------------------------------------------------------------------
+_RELEASED_HIGH_RES = re.compile(r"(self_attn\.[kv])_proj_hd\.")  # the authors' W_K' / W_V' names
+
+
 def llama_from_hf(state: StateDict) -> StateDict:
-    """`LlamaForCausalLM` names are flexvlm's already; only the RoPE buffers that older
-    transformers versions saved are dropped (they are recomputed)."""
-    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    """`LlamaForCausalLM` names are flexvlm's already; the RoPE buffers that older transformers
+    versions saved are dropped (they are recomputed), and the authors' released FlexAttention
+    checkpoint names W_K' / W_V' `self_attn.{k,v}_proj_hd`, flexvlm `self_attn.{k,v}_hr_proj`."""
+    return {_RELEASED_HIGH_RES.sub(r"\1_hr_proj.", k): v for k, v in state.items()
+            if not k.endswith("rotary_emb.inv_freq")}
 
 
 _CLIP_HF_RENAMES = [  # (HF CLIPVisionTransformer pattern, open_clip VisionTransformer name)
@@ -212,10 +217,13 @@ def _high_res_copies(names: Iterable[str], state: StateDict) -> StateDict:
 def _load_llama_state(llm: LanguageModel, state: StateDict, source: str, hf_config: dict) -> None:
     if hf_config:
         _check_llama_config(llm.config, hf_config, source)
-    state = llama_from_hf(state)
+    names = llm.state_dict()
+    # the release saves W_K' / W_V' in every layer but uses them from N_SA on: the layers this model
+    # keeps plain have no use for them
+    state = {k: v for k, v in llama_from_hf(state).items() if "_hr_proj." not in k or k in names}
     if llm.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: saved once
-    load_state_dict_strict(llm, {**state, **_high_res_copies(llm.state_dict(), state)}, source)
+    load_state_dict_strict(llm, {**state, **_high_res_copies(names, state)}, source)
 
 
 def load_llama_weights(llm: LanguageModel, path: str | Path) -> None:
@@ -392,7 +400,8 @@ class PretrainedWeights:
         self.llava, self.llm, self.vision, self.projector = llava, llm, vision, projector
 
     def apply(self, model: FlexVLM) -> None:
-        """Load what is given, then W_K', W_V' <- the loaded W_K, W_V in every FlexAttention layer."""
+        """Load what is given; W_K', W_V' that the language model's checkpoint lacks start as its
+        W_K, W_V (those it holds, as in the authors' released checkpoint, are loaded)."""
         if self.llava is not None:
             load_llava(model, self.llava, self.vision)
         else:
@@ -402,4 +411,3 @@ class PretrainedWeights:
                 load_clip_vision(model.encoder.backbone, self.vision)
         if self.projector is not None:
             load_projector(model.projector, self.projector)
-        model.init_high_res_projections()

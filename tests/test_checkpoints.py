@@ -162,6 +162,38 @@ def test_flex_mode_high_res_projections_copy_the_loaded_ones(hf):
         assert torch.equal(attn.v_hr_proj.weight, attn.v_proj.weight)
 
 
+def test_released_flexattn_layout_loads_its_high_res_projections(hf, tmp_path):
+    """The authors' checkpoint: the original LLaVA layout plus W_K' / W_V' as `self_attn.{k,v}_proj_hd`
+    in every layer (used from N_SA on), its settings as strings in config.json's `extra`."""
+    root = hf["root"]
+    state = {**hf["llama"].state_dict(), **_mm_projector(hf["llava"])}
+    torch.manual_seed(2)
+    for i in range(LLM["num_layers"]):
+        for which in "kv":
+            weight = state[f"model.layers.{i}.self_attn.{which}_proj.weight"]
+            state[f"model.layers.{i}.self_attn.{which}_proj_hd.weight"] = torch.randn_like(weight) / 8
+    folder = tmp_path / "llava-flexattn"
+    _save_bin_shards(state, folder)
+    config = json.loads((root / "llava-original" / "config.json").read_text())
+    config["extra"] = {"zoom_ratio": "1", "lowres_size": str(IMAGE), "highres_size": str(IMAGE), "threshold": "48"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    model = _vlm(mode="flex", pretrained=PretrainedWeights(llava=str(folder), vision=str(root / "clip")))
+    # the same model built by hand: the LLaVA weights, then W_K' / W_V' set from the checkpoint
+    by_hand = _vlm(mode="flex", pretrained=PretrainedWeights(llava=str(root / "llava-original"), vision=str(root / "clip")))
+    with_copies = _logits(by_hand, hf["image"])  # W_K' = W_K, W_V' = W_V: what a plain LLaVA starts from
+    with torch.no_grad():
+        for i in by_hand.flex_layers:
+            attn = by_hand.llm.layers[i].self_attn
+            attn.k_hr_proj.weight.copy_(state[f"model.layers.{i}.self_attn.k_proj_hd.weight"])
+            attn.v_hr_proj.weight.copy_(state[f"model.layers.{i}.self_attn.v_proj_hd.weight"])
+    for i in model.flex_layers:
+        assert torch.equal(model.llm.layers[i].self_attn.k_hr_proj.weight, state[f"model.layers.{i}.self_attn.k_proj_hd.weight"])
+    loaded = _logits(model, hf["image"])
+    assert (loaded - _logits(by_hand, hf["image"])).abs().max() < 1e-4
+    assert (loaded - with_copies).abs().max() > 1e-3  # the released W_K', W_V' are used, not copies
+
+
 # ---------------------------------------------------------------- LLaMA alone
 
 

@@ -80,7 +80,8 @@ class FlexVLM(nn.Module):
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
         (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends).
         ``gradient_checkpointing`` recomputes decoder layers in the backward pass to save memory.
-        ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' then copy them).
+        ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' that they lack
+        start as the loaded W_K, W_V).
         ``flex_impl``: ``fused`` (only the selecting rows and their selected tokens cost extra) or
         ``release`` (every row scores every HR key through a mask, as the authors' training; the same
         result, kept as a baseline for the benchmarks)."""
@@ -120,11 +121,6 @@ class FlexVLM(nn.Module):
     @property
     def image_size(self) -> int:
         return self.encoder.high_res_size
-
-    def init_high_res_projections(self) -> None:
-        """W_K' <- W_K and W_V' <- W_V in every FA layer, e.g. after loading pre-trained weights."""
-        for i in self.flex_layers:
-            self.llm.layers[i].self_attn.init_high_res_projections()
 
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(
