@@ -8,15 +8,19 @@ either sharded with an `*.index.json`; pickled files are read with `weights_only
 Every load is strict: a missing, unexpected or mis-shaped tensor is a ValueError that lists the
 names and shapes, and `config.json` settings that no shape reveals (RMSNorm eps, RoPE, the CLIP
 activation, the LLaVA feature layer) are checked against the model that receives the weights.
+
+`arguments_from_llava` (behind `FlexVLM.from_pretrained`) goes one step further: it reads the model
+itself from a LLaVA folder's `config.json`, the `extra` settings of the authors' released
+FlexAttention checkpoint included, so that nothing has to be written by hand to match a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from open_clip.transformer import QuickGELU
@@ -24,12 +28,16 @@ from torch import Tensor, nn
 
 from flexvlm.models.llm import LanguageModel, LlamaConfig
 from flexvlm.models.vision import OpenClipBackbone, VisionBackbone, _listing, load_state_dict_strict, read_state_dict
+from flexvlm.selection import AttentionSelection, RandomSelection, SelectionStrategy
 
 if TYPE_CHECKING:
     from flexvlm.models.vlm import FlexVLM
 
 __all__ = [
     "PretrainedWeights",
+    "arguments_from_llava",
+    "llama_config_from_hf",
+    "clip_backbone_from_hf",
     "read_checkpoint",
     "read_config",
     "llama_from_hf",
@@ -169,23 +177,47 @@ def _raise_mismatches(problems: list[str], source: str, what: str) -> None:
         raise ValueError(f"{source}: config.json does not match the {what}:\n  " + "\n  ".join(problems))
 
 
-def _check_llama_config(config: LlamaConfig, hf: dict, source: str) -> None:
-    """Settings that no tensor shape reveals; a wrong one gives silently wrong logits. An absent
-    key means transformers' default."""
+def llama_config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
+    """A HF LLaMA config (`config.json`, or llava-hf's `text_config`) as a LlamaConfig. An absent key
+    means transformers' default, as in transformers itself (llava-hf saves only the keys that differ
+    from it: its 7B `text_config` names the vocabulary, 32064, but not the sizes). Settings that the
+    decoder does not implement (activation, RoPE type, head size) are refused."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    found = {
-        "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
-    }
-    problems = [
-        f"{k}: checkpoint {v} vs model {getattr(config, k)}" for k, v in found.items() if v != getattr(config, k)
-    ]
+    hidden, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+    problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r}: the decoder implements silu only")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         problems.append(f"RoPE type {rope_type!r}: the decoder implements the default RoPE only")
+    if hf.get("head_dim", hidden // heads) != hidden // heads:
+        problems.append(f"head_dim {hf['head_dim']}: the decoder's heads are hidden_size / num_attention_heads")
+    _raise_mismatches(problems, source, "decoder flexvlm implements")
+    return LlamaConfig(
+        vocab_size=hf.get("vocab_size", 32000),
+        hidden_size=hidden,
+        intermediate_size=hf.get("intermediate_size", 11008),
+        num_layers=hf.get("num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads"),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        attention_bias=hf.get("attention_bias", False),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+_SHAPELESS_LLAMA_SETTINGS = ("rms_norm_eps", "rope_theta", "tie_word_embeddings")
+
+
+def _check_llama_config(config: LlamaConfig, hf: dict, source: str) -> None:
+    """Settings that no tensor shape reveals; a wrong one gives silently wrong logits."""
+    found = llama_config_from_hf(hf, source)
+    problems = [
+        f"{k}: checkpoint {getattr(found, k)} vs model {getattr(config, k)}"
+        for k in _SHAPELESS_LLAMA_SETTINGS if getattr(found, k) != getattr(config, k)
+    ]
     _raise_mismatches(problems, source, "language model (llm / llm_overrides)")
 
 
@@ -411,3 +443,171 @@ class PretrainedWeights:
                 load_clip_vision(model.encoder.backbone, self.vision)
         if self.projector is not None:
             load_projector(model.projector, self.projector)
+
+
+# -- a model built from a checkpoint's own config.json ------------------------------------------------
+_HF_CLIP_VISION_DEFAULTS = {  # transformers' CLIPVisionConfig, for the keys a config.json leaves out
+    "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+# open_clip always builds a text tower too, dropped at once by OpenClipBackbone: the smallest one will do
+_UNUSED_TEXT_TOWER = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
+
+
+def clip_backbone_from_hf(hf: dict, feature_layer: int = -2, source: str = "config.json") -> OpenClipBackbone:
+    """A frozen OpenClipBackbone shaped like a HF `CLIPVisionConfig` (a CLIPVisionModel's config, or
+    the `vision_config` of a CLIPModel or llava-hf folder), returning the patch tokens of HF's
+    `hidden_states[feature_layer]` (LLaVA's `mm_vision_select_layer` / `vision_feature_layer`)."""
+    config = {**_HF_CLIP_VISION_DEFAULTS, **hf}
+    act, width, depth = config["hidden_act"], config["hidden_size"], config["num_hidden_layers"]
+    problems = []
+    if act not in ("quick_gelu", "gelu"):
+        problems.append(f"hidden_act {act!r}: the tower implements quick_gelu (OpenAI's CLIP) and gelu")
+    if not isinstance(feature_layer, int) or feature_layer == 0 or not -depth <= feature_layer <= depth:
+        problems.append(f"feature layer {feature_layer!r}: flexvlm reads the output of one of the tower's {depth} "
+                        f"blocks, hidden_states[1 .. {depth}] or [-{depth} .. -1]")
+    _raise_mismatches(problems, source, "vision towers flexvlm builds")
+    vision_cfg = {
+        "image_size": config["image_size"], "patch_size": config["patch_size"], "width": width, "layers": depth,
+        "head_width": width // config["num_attention_heads"], "mlp_ratio": config["intermediate_size"] / width,
+        "norm_kwargs": {"eps": config["layer_norm_eps"]},
+    }
+    model_kwargs = {"embed_dim": config["projection_dim"], "vision_cfg": vision_cfg, "text_cfg": _UNUSED_TEXT_TOWER,
+                    "force_quick_gelu": act == "quick_gelu"}
+    # every setting of the named model is overridden; LLaVA-1.5 keeps its tower frozen
+    return OpenClipBackbone("ViT-L-14-336", layer=_feature_block(feature_layer, depth), frozen=True,
+                            model_kwargs=model_kwargs)
+
+
+# What the authors' release hard-codes rather than reads from `extra`: FlexAttention from layer 9 on
+# (`layer_idx > 8`), the threshold rule on 9 x 9 blocks, the random ablation's Bernoulli(0.1) on 8 x 8 blocks.
+_RELEASE_SA_LAYERS = 9
+_RELEASE_BLOCK_GRID = 9
+_RELEASE_RANDOM_BLOCK_GRID = 8
+_RELEASE_RANDOM_RATE = 0.1
+
+
+def _extra_int(extra: dict, key: str, source: str, default: int | None = None) -> int:
+    """An integer setting of the release's `extra` (written as a string)."""
+    value = extra.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: config.json extra {key!r} = {value!r} is not an integer") from None
+
+
+def _release_selection(extra: dict, source: str) -> SelectionStrategy:
+    """The release's selection, on whole blocks as it keeps them: its threshold rule, or with
+    `special: random` the flexvlm strategy closest to its Bernoulli(0.1) draw on 8 x 8 blocks (10 %
+    of the image's blocks, a fixed count instead of a varying one)."""
+    special = extra.get("special")
+    if special == "random":
+        return RandomSelection(ratio=_RELEASE_RANDOM_RATE, block_grid=_RELEASE_RANDOM_BLOCK_GRID, whole_blocks=True)
+    if special is not None:
+        raise ValueError(f"{source}: config.json extra 'special' = {special!r}; the release knows 'random' only")
+    threshold = _extra_int(extra, "threshold", source, default=64)  # the release's default when unset
+    return AttentionSelection(threshold=threshold, block_grid=_RELEASE_BLOCK_GRID, whole_blocks=True)
+
+
+def _release_arguments(extra: dict, tower_size: int, source: str) -> dict[str, Any]:
+    """FlexVLM arguments from the `extra` settings of the authors' released checkpoint; none for a
+    checkpoint without them (the release reads `extra` only when it names `zoom_ratio`). The warm-up
+    (`warmup`) is a training setting: the LightningModule's `alpha_warmup` is 1 / warmup."""
+    if "zoom_ratio" not in extra:
+        return {}
+    zoom = _extra_int(extra, "zoom_ratio", source)
+    problems = []
+    low_res = _extra_int(extra, "lowres_size", source, default=tower_size)
+    if low_res != tower_size:
+        problems.append(f"extra lowres_size {low_res}: flexvlm's low-res view is the tower's native size, {tower_size}")
+    high_res = _extra_int(extra, "highres_size", source, default=zoom * low_res)
+    if high_res != zoom * low_res:
+        problems.append(f"extra highres_size {high_res}: flexvlm's high-res image is zoom_ratio x lowres_size, "
+                        f"{zoom * low_res}")
+    _raise_mismatches(problems, source, "model flexvlm builds")
+    return {"num_sa_layers": _RELEASE_SA_LAYERS, "zoom": zoom, "selection": _release_selection(extra, source)}
+
+
+def _llava_config(folder: Path) -> dict:
+    """The folder's config.json, which the model is built from."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    config = read_config(folder)
+    if not config:
+        raise FileNotFoundError(f"no config.json in {folder}: the model is built from it")
+    return config
+
+
+def _is_llava_hf(config: dict) -> bool:
+    """llava-hf nests its decoder's and its tower's configs; the original layout is LLaMA's config
+    plus `mm_*` keys."""
+    return "vision_config" in config
+
+
+def _vision_tower(folder: Path, config: dict, vision: str | Path | None) -> tuple[str | None, dict]:
+    """Where the tower's weights come from (None: the checkpoint, as llava-hf holds its tower) and its
+    HF config. Without `vision`, the original layout's tower is `mm_vision_tower` if that names a
+    local folder (relative to the checkpoint)."""
+    if vision is None and _is_llava_hf(config):
+        return None, config["vision_config"]
+    if vision is None:
+        named = config.get("mm_vision_tower")
+        if not named or not (folder / named).is_dir():
+            raise ValueError(f"{folder}: the vision tower {named!r} (config.json mm_vision_tower) is not a local "
+                             f"folder; give the local CLIP folder as `vision`")
+        vision = folder / named
+    tower_config = read_config(vision)
+    if not tower_config:
+        raise ValueError(f"{vision}: no config.json; the tower is built from a HF CLIPModel / CLIPVisionModel folder")
+    return str(vision), tower_config.get("vision_config", tower_config)
+
+
+def _llava_projector(config: dict, source: str) -> str:
+    """The projector kind (`build_projector`): the original layout names it; llava-hf's is always
+    linear, activation, linear."""
+    if not _is_llava_hf(config):
+        return config.get("mm_projector_type", "linear")
+    act = config.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        _raise_mismatches([f"projector_hidden_act {act!r}: the mlp2x_gelu projector uses gelu"], source, "projector")
+    return "mlp2x_gelu"
+
+
+def arguments_from_llava(
+    checkpoint: str | Path,
+    vision: str | Path | None = None,
+    num_sa_layers: int | None = None,
+    selection: SelectionStrategy | str | None = None,
+    zoom: int | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """FlexVLM's constructor arguments for a local LLaVA-1.5 folder, read from its config.json: the
+    llava-hf layout, the original one, or the authors' released FlexAttention checkpoint (the
+    original plus `*_proj_hd` and an `extra` object). The decoder's sizes, vocabulary, RMSNorm eps,
+    RoPE theta and maximum length (llava-hf: `text_config`); the projector; the CLIP tower's shape,
+    activation and feature layer (llava-hf: `vision_config`; otherwise the config of `vision`, which
+    defaults to `mm_vision_tower` when that is a local folder), frozen as LLaVA-1.5 keeps it; the
+    weights (`pretrained`).
+
+    With the release's `extra`: N_SA = 9 (what the release hard-codes), zoom `zoom_ratio`, and its
+    selection, keeping whole blocks (`_release_selection`). Without, FlexVLM's defaults.
+    `num_sa_layers`, `selection` and `zoom` replace the checkpoint's when given; `overrides` are
+    any other FlexVLM arguments (`mode`, ...), `llm_overrides` changing single decoder settings."""
+    folder = Path(checkpoint)
+    source = str(folder)
+    config = _llava_config(folder)
+    llm = llama_config_from_hf(config.get("text_config", config), source)
+    tower, tower_config = _vision_tower(folder, config, vision)
+    feature_key = "vision_feature_layer" if _is_llava_hf(config) else "mm_vision_select_layer"
+    backbone = clip_backbone_from_hf(tower_config, config.get(feature_key, -2), tower or source)
+    arguments = {
+        "backbone": backbone,
+        "llm": "llama-2-7b",  # every field is overridden: the preset only names the family
+        "llm_overrides": {**asdict(llm), **overrides.pop("llm_overrides", {})},
+        "projector": _llava_projector(config, source),
+        "pretrained": PretrainedWeights(llava=source, vision=tower),
+        **_release_arguments(config.get("extra") or {}, backbone.image_size, source),
+    }
+    chosen = {"num_sa_layers": num_sa_layers, "selection": selection, "zoom": zoom}
+    return {**arguments, **{k: v for k, v in chosen.items() if v is not None}, **overrides}

@@ -42,6 +42,8 @@ class FlexVLMModule(L.LightningModule):
             aux_objective: optional extra loss, ``(lr_tokens, hr_tokens, batch, selection_maps) ->
                 loss`` with ``selection_maps`` as in ``VLMOutput`` (the built-in task's dense
                 objective, standing in for a pre-trained tower and a pre-trained LLM's grounding).
+                Its attribute ``needs_maps`` (default True) says whether it reads the maps, which
+                then keep their gradient.
             lr, weight_decay, warmup_ratio: AdamW with linear warm-up then cosine decay to zero
                 (the paper: 2e-5, 0, 0.03).
             freeze: parameter-name prefixes to freeze (e.g. ``encoder.backbone``); a prefix that
@@ -98,9 +100,10 @@ class FlexVLMModule(L.LightningModule):
         return min(1.0, self.trainer.global_step / max(1.0, warmup * self.trainer.estimated_stepping_batches))
 
     def _forward(self, batch: dict[str, Any], alpha: float = 1.0) -> VLMOutput:
-        # the selecting maps keep their gradient only for an objective that may train on them
+        # the selecting maps keep their gradient only for an objective that trains on them
+        map_grad = self.aux_objective is not None and getattr(self.aux_objective, "needs_maps", True)
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch.get("content_box"),
-                          labels=batch["labels"], alpha=alpha, map_grad=self.aux_objective is not None)
+                          labels=batch["labels"], alpha=alpha, map_grad=map_grad)
 
     def _aux_loss(self, out: VLMOutput, batch: dict[str, Any]) -> Tensor:
         encoder = self.model.encoder

@@ -42,8 +42,10 @@ OPEN_CLIP = dict(embed_dim=16, text_cfg=dict(context_length=8, vocab_size=64, wi
 PROMPT = [1, 5, 6, IMAGE_TOKEN_INDEX, 7, 8, 9]
 
 
-def _backbone(layer: int = -2, quick_gelu: bool = True) -> OpenClipBackbone:
-    return OpenClipBackbone("ViT-B-16", layer=layer, model_kwargs={**OPEN_CLIP, "force_quick_gelu": quick_gelu})
+def _backbone(layer: int = -2, quick_gelu: bool = True, image: int = IMAGE) -> OpenClipBackbone:
+    vision = {**OPEN_CLIP["vision_cfg"], "image_size": image}
+    return OpenClipBackbone("ViT-B-16", layer=layer,
+                            model_kwargs={**OPEN_CLIP, "vision_cfg": vision, "force_quick_gelu": quick_gelu})
 
 
 def _vlm(mode: str = "lr_only", pretrained: PretrainedWeights | None = None) -> FlexVLM:

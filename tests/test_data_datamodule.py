@@ -45,6 +45,20 @@ def test_synthetic_datamodule_batches():
     assert len(train_ids) == 24 and not train_ids & set(test_ids)
 
 
+def test_shuffle_seed_changes_the_training_order_only():
+    def splits(**kwargs):
+        dm = SyntheticVQADataModule(num_train=24, num_val=4, num_test=6, batch_size=24, **kwargs)
+        dm.setup(None)
+        order = next(iter(dm.train_dataloader()))["question_id"]
+        return order, [q for b in dm.test_dataloader() for q in b["question_id"]], dm.splits["test"][0]["image"]
+
+    order, test_ids, image = splits()
+    assert splits(shuffle_seed=0)[0] == order  # the default: the data seed
+    other, other_test, other_image = splits(shuffle_seed=1)
+    assert other != order and sorted(other) == sorted(order)  # the same samples, another order
+    assert other_test == test_ids and torch.equal(other_image, image)
+
+
 def write_llava_dir(root):
     (root / "img").mkdir()
     rng = np.random.default_rng(0)

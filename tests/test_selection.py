@@ -106,6 +106,22 @@ def test_margin_rule_excludes_padding_border():
     assert NoSelection()(attn, ctx).sum() == 0
 
 
+def test_whole_blocks_keep_the_padding_of_a_selected_block():
+    """The release keeps a selected block whole on a padded image; the default cuts it to the image."""
+    box = torch.tensor([[0.25, 0.0, 0.75, 1.0]])  # HR rows 3 .. 8 of 12 are the image (LR rows 1, 2 of 4)
+    ctx = _ctx(b=1, box=box)
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 1, 0] = 1.0  # on the image, in the top-left block of the 2 x 2 block grid (6 x 6 HR tokens)
+    whole = torch.zeros(12, 12, dtype=torch.bool)
+    whole[0:6, 0:6] = True
+    cut = torch.zeros(12, 12, dtype=torch.bool)
+    cut[3:6, 0:6] = True
+    assert torch.equal(AttentionSelection(threshold=48, block_grid=2, whole_blocks=True)(attn, ctx)[0, 0], whole)
+    assert torch.equal(AttentionSelection(threshold=48, block_grid=2)(attn, ctx)[0, 0], cut)
+    # blocks of padding alone are never selected, whole or not
+    assert not CenterSelection(top_k=4, block_grid=4, whole_blocks=True)(attn, ctx)[0, 0, :3].any()
+
+
 def test_invalid_arguments_fail_clearly():
     with pytest.raises(ValueError, match="exactly one"):
         AttentionSelection(ratio=0.1, top_k=3)

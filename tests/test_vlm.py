@@ -149,6 +149,25 @@ def test_selection_maps_are_the_selecting_maps_with_their_gradient():
     assert model.llm.layers[1].self_attn.q_proj.weight.grad is None
 
 
+def test_low_res_only_reports_the_maps_a_flex_model_would_select_with():
+    """Stage 1 of the protocol grounds a low-res-only model on these maps: they must be the ones the
+    same weights select with in flex mode, and carry the gradient; the output stays the same."""
+    low_res = _model("lr_only")
+    flex = _model("flex", selection=AttentionSelection(top_k=1))
+    flex.load_state_dict(low_res.state_dict(), strict=False)  # W_K', W_V' play no part in the maps
+    plain = low_res(**_batch())
+    assert plain.selection_maps == {}  # only asked for
+    mapped = low_res(**_batch(), map_grad=True)
+    reference = flex(**_batch(), map_grad=True).selection_maps
+    assert set(mapped.selection_maps) == set(reference) == {1, 2}
+    for layer, attn_map in mapped.selection_maps.items():
+        torch.testing.assert_close(attn_map, reference[layer], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mapped.logits, plain.logits, rtol=0, atol=1e-6)
+    mapped.selection_maps[2][:, 0, 0, 0].sum().backward()  # layer 1's map: trains layers 0 and 1
+    assert low_res.llm.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert low_res.llm.layers[2].self_attn.q_proj.weight.grad is None
+
+
 @pytest.mark.parametrize("selection", [AttentionSelection(top_k=2), AttentionSelection(threshold=48.0),
                                        AttentionSelection(top_k=14)])  # a union that covers most of the image
 def test_release_style_flex_attention_gives_the_same_training_pass(selection):

@@ -147,8 +147,12 @@ class SyntheticVQADataModule(_VQADataModule):
         fine_print: bool = False,
         mean: Triple = (0.5, 0.5, 0.5),
         std: Triple = (0.5, 0.5, 0.5),
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(WordTokenizer(WORDS), PlainTemplate(), batch_size, eval_batch_size, num_workers, seed)
+        """``seed`` draws every split's samples; ``shuffle_seed`` (default: ``seed``) the training
+        order alone, so runs of one study can vary their order on the same data and test split."""
+        order_seed = seed if shuffle_seed is None else shuffle_seed
+        super().__init__(WordTokenizer(WORDS), PlainTemplate(), batch_size, eval_batch_size, num_workers, order_seed)
         self.save_hyperparameters()
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 

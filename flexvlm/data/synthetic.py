@@ -265,8 +265,10 @@ class SyntheticAuxLoss(nn.Module):
       CE(digit of HR tile tokens);
     - for the decoder's grounding (x ``grounding_weight``, 0 = off): for every FA layer, CE of the
       queried tile's LR cell under the LR attention that selected HR tokens for the first answer
-      row, averaged over FA layers. Selection is not differentiable, so nothing else teaches a
-      decoder trained from scratch where to look; a pre-trained LLM already knows.
+      row, averaged over FA layers (in ``lr_only`` mode: the maps that would select,
+      ``FlexVLM.decode_with_maps``; other modes have none, and get no grounding). Selection is not
+      differentiable, so nothing else teaches a decoder trained from scratch where to look; a
+      pre-trained LLM already knows.
     """
 
     def __init__(self, embed_dim: int, weight: float = 1.0, grounding_weight: float = 0.0) -> None:
@@ -275,6 +277,11 @@ class SyntheticAuxLoss(nn.Module):
         self.lr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
         self.hr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
         self.hr_digit = nn.Linear(embed_dim, len(DIGITS))
+
+    @property
+    def needs_maps(self) -> bool:
+        """Whether the model's selecting maps must keep their gradient (FlexVLMModule asks)."""
+        return self.grounding_weight > 0
 
     def forward(
         self,

@@ -171,7 +171,7 @@ class HighResState:
         """The selecting rows' plain attention (B, heads, R, keys) of layer ``layer_idx`` - 1 ->
         the selection of layer ``layer_idx``."""
         b, _, r, _ = probs.shape
-        attn_map = probs.sum(1).gather(-1, self.lr_index[:, None].expand(b, r, -1)).view(b, r, self.lr_grid, self.lr_grid)
+        attn_map = low_res_map(probs, self.lr_index, self.lr_grid)
         self.maps[layer_idx] = attn_map
         mask = self.strategy(attn_map.detach(), self._context(layer_idx))
         if not self.rows.all_valid:
@@ -273,6 +273,13 @@ class HighResState:
         return k_buf, v_buf
 
 
+def low_res_map(probs: Tensor, lr_index: Tensor, lr_grid: int) -> Tensor:
+    """Rows' softmax over the sequence keys (B, heads, R, keys) -> their head-summed attention on the
+    g x g low-res image tokens at ``lr_index`` (B, g*g): (B, R, g, g), the map that selects."""
+    b, _, r, _ = probs.shape
+    return probs.sum(1).gather(-1, lr_index[:, None].expand(b, r, -1)).view(b, r, lr_grid, lr_grid)
+
+
 def _gather_tokens(x: Tensor, tokens: Tensor) -> Tensor:
     """x (B, M, ...), tokens (B, K) -> (B, K, ...): whole rows copied by index_select."""
     b, m = x.shape[:2]
@@ -352,11 +359,26 @@ def flex_attention(
     q_rows = gather_rows(q, rows.rows)
     if high_res is not None:
         out = _scatter_rows(out, _attend(attn, q_rows, k, v, visible, high_res), rows, state.alpha)
-    probs = None
-    if need_map:
-        with torch.set_grad_enabled(state.map_grad and torch.is_grad_enabled()):
-            probs = attn.row_scores(q_rows, k).masked_fill(~visible, float("-inf")).softmax(-1)
+    probs = _row_probs(attn, q_rows, k, visible, state.map_grad) if need_map else None
     return attn.output(out), probs
+
+
+def mapped_layer(
+    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, rows: SelectingRows, map_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """A plain decoder layer (teacher-forced, no cache) that also hands back its selecting rows' softmax
+    over the sequence keys, (B, heads, R, keys): where a model without HR attention looks, in the
+    layers whose maps would select in flex mode (an objective on them, e.g. grounding in lr_only)."""
+    attn = layer.self_attn
+    q, k, v = attn.qkv(layer.input_layernorm(x), inputs, None)
+    out = attn.output(attn.sequence_attention(q, k, v, inputs))
+    return layer.feed_forward(x + out), _row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad)
+
+
+def _row_probs(attn: Attention, q_rows: Tensor, k: Tensor, visible: Tensor, map_grad: bool) -> Tensor:
+    """The rows' plain softmax over the keys they see; with its gradient only when ``map_grad``."""
+    with torch.set_grad_enabled(map_grad and torch.is_grad_enabled()):
+        return attn.row_scores(q_rows, k).masked_fill(~visible, float("-inf")).softmax(-1)
 
 
 def release_flex_attention(

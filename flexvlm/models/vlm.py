@@ -11,17 +11,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexvlm.checkpoints import PretrainedWeights
+from flexvlm.checkpoints import PretrainedWeights, arguments_from_llava
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.encoder import DualPathEncoder
 from flexvlm.models.flex_attention import (
     FLEX_IMPLS, FlexAttention, HighResState, Selection, SelectingRows, cross_attention_layer, flex_layer,
-    interpolate_rope,
+    interpolate_rope, low_res_map, mapped_layer,
 )
 from flexvlm.models.llm import KVCache, LanguageModel, LlamaConfig
 from flexvlm.models.projector import build_projector
@@ -53,6 +54,7 @@ class VLMOutput:
     selected_fraction: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> fraction of HR tokens
     selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, G, G)
     selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, g, g), see HighResState.maps
+    # (lr_only with map_grad: the layer a flex model would select for, see FlexVLM.decode_with_maps)
     sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
     row_fraction: Tensor | None = None  # (B, R) HR fraction used per selecting row, mean over FA layers
 
@@ -109,6 +111,16 @@ class FlexVLM(nn.Module):
                 layer.self_attn = FlexAttention.from_attention(layer.self_attn, self.config)
         if pretrained is not None:
             pretrained.apply(self)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str, vision: str | None = None, **overrides: Any) -> FlexVLM:
+        """Built from a local LLaVA-1.5 folder's own config.json and loaded with its weights: llava-hf,
+        the original layout (its tower ``vision``, by default ``mm_vision_tower`` if that is a local
+        folder), or the authors' released FlexAttention checkpoint, whose ``extra`` settings set N_SA,
+        zoom and the selection. ``overrides``: FlexVLM arguments that replace what the checkpoint
+        implies (``mode``, ``num_sa_layers``, ``selection``...). See
+        ``flexvlm.checkpoints.arguments_from_llava``."""
+        return cls(**arguments_from_llava(checkpoint, vision, **overrides))
 
     @property
     def uses_high_res_attention(self) -> bool:
@@ -221,6 +233,25 @@ class FlexVLM(nn.Module):
                 selection = state.select(i + 1, probs) if need_map else None
         return llm.model.norm(x)
 
+    def decode_with_maps(self, inputs: MultimodalInputs, row_mask: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """The decoder loop of a model without HR attention (``lr_only``), teacher-forced, that also
+        returns where the rows in ``row_mask`` look: the low-res maps of the layers that would select
+        in flex mode (N_SA - 1 to L - 2), keyed like ``HighResState.maps`` by the layer they would
+        select for, with their gradient. -> (hidden states after the final norm, maps)."""
+        llm, g = self.llm, self.encoder.lr_grid
+        attn_inputs = llm.attention_inputs(inputs.embeds, inputs.attention_mask, None)
+        rows = SelectingRows.from_mask(row_mask, attn_inputs)
+        lr_index = inputs.image_start[:, None] + torch.arange(g * g, device=row_mask.device)
+        mapped = range(max(self.num_sa_layers - 1, 0), len(llm.layers) - 1)
+        x, maps = inputs.embeds, {}
+        for i, layer in enumerate(llm.layers):
+            if i in mapped:
+                x, probs = llm.checkpointed(mapped_layer, layer, x, attn_inputs, rows, True)
+                maps[i + 1] = low_res_map(probs, lr_index, g)
+            else:
+                x = llm.checkpointed(layer, x, attn_inputs, None)
+        return llm.model.norm(x), maps
+
     def forward(
         self,
         input_ids: Tensor,
@@ -235,21 +266,27 @@ class FlexVLM(nn.Module):
         """Teacher-forced pass. With ``labels`` the loss covers the answer tokens and every row that
         predicts one selects its own HR tokens; without, the last ``select_last`` rows select (what
         cached generation does: the last prompt row, then each generated token's row).
-        ``map_grad``: ``selection_maps`` keep their gradient (a training objective on them)."""
+        ``map_grad``: ``selection_maps`` keep their gradient (a training objective on them); in
+        ``lr_only`` mode they are the maps the rows would select with (``decode_with_maps``)."""
         inputs = self.prepare(input_ids, attention_mask, images, content_box, labels, alpha, map_grad=map_grad)
         if inputs.labels is not None:
             row_mask = F.pad(inputs.labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
         else:
             row_mask = torch.zeros_like(inputs.attention_mask, dtype=torch.bool)
             row_mask[:, -select_last:] = True
-        hidden = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res)
+        maps: dict[int, Tensor] = {}
+        if self.mode == "lr_only" and map_grad:
+            hidden, maps = self.decode_with_maps(inputs, row_mask)
+        else:
+            hidden = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res)
         logits = self.llm.logits(hidden)
         loss = None
         if inputs.labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
         state = inputs.high_res
-        out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features)
+        out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
+                        selection_maps=maps)
         if state is not None:
             out.selected_fraction, out.selection_masks = state.selected_fraction, dict(state.masks)
             out.selection_maps, out.sample_fraction = dict(state.maps), state.sample_fraction()

@@ -15,8 +15,8 @@ class AttentionSelection(BlockSelection):
     checkpoint). With ``ratio`` or ``top_k`` instead, keep a fixed budget of the highest blocks."""
 
     def __init__(self, threshold: float | None = 48.0, ratio: float | None = None, top_k: int | None = None,
-                 block_grid: int | None = None) -> None:
-        super().__init__(block_grid)
+                 block_grid: int | None = None, whole_blocks: bool = False) -> None:
+        super().__init__(block_grid, whole_blocks)
         self.budget = Budget(ratio, top_k) if ratio is not None or top_k is not None else None
         if self.budget is None and threshold is None:
             raise ValueError("give a threshold, a ratio or a top_k")

@@ -59,18 +59,30 @@ class SelectionStrategy(ABC):
         if mask.shape != expected or mask.dtype != torch.bool:
             raise ValueError(f"{type(self).__name__}.select returned {tuple(mask.shape)} {mask.dtype}, "
                              f"expected {expected} torch.bool")
+        return self.clip(mask, ctx)
+
+    def clip(self, mask: Tensor, ctx: SelectionContext) -> Tensor:
+        """The selection cut to the image's high-res tokens: padding tokens carry no content."""
         return mask & ctx.hr_valid.unsqueeze(1)
 
 
 class BlockSelection(SelectionStrategy):
     """Selection in square blocks of high-res tokens, as the release does: decide on a b x b block
     grid, then expand each block to its high-res tokens (nearest neighbour). ``block_grid=None``
-    uses the low-res grid, so one block is the zoom x zoom high-res tokens under one low-res token."""
+    uses the low-res grid, so one block is the zoom x zoom high-res tokens under one low-res token.
 
-    def __init__(self, block_grid: int | None = None) -> None:
+    A selected block that overlaps the square-padding border is cut to the image by default (padding
+    tokens carry no content); ``whole_blocks=True`` keeps it whole, padding tokens included, as the
+    authors' release does (its released weights were trained that way)."""
+
+    def __init__(self, block_grid: int | None = None, whole_blocks: bool = False) -> None:
         if block_grid is not None and block_grid < 1:
             raise ValueError(f"block_grid must be >= 1, got {block_grid}")
         self.block_grid = block_grid
+        self.whole_blocks = whole_blocks
+
+    def clip(self, mask: Tensor, ctx: SelectionContext) -> Tensor:
+        return mask if self.whole_blocks else super().clip(mask, ctx)
 
     def blocks(self, ctx: SelectionContext) -> int:
         return self.block_grid or ctx.lr_grid

@@ -11,11 +11,13 @@ from flexvlm.selection.base import SELECTION, BlockSelection, Budget, SelectionC
 @SELECTION.register("random")
 class RandomSelection(BlockSelection):
     """``ratio`` / ``top_k`` blocks drawn uniformly among the image's blocks, independently per row.
-    The draws come from the strategy's own generator, so a seed makes them repeatable."""
+    The draws come from the strategy's own generator, so a seed makes them repeatable. (The release's
+    random ablation keeps each block of an 8 x 8 grid with probability 0.1 instead, padding blocks
+    included: about the same budget on average, with a count that varies.)"""
 
     def __init__(self, ratio: float | None = 0.1, top_k: int | None = None, block_grid: int | None = None,
-                 seed: int | None = None) -> None:
-        super().__init__(block_grid)
+                 seed: int | None = None, whole_blocks: bool = False) -> None:
+        super().__init__(block_grid, whole_blocks)
         self.budget = Budget(None if top_k is not None else ratio, top_k)
         self.generator = torch.Generator()
         if seed is None:
@@ -33,8 +35,9 @@ class RandomSelection(BlockSelection):
 class CenterSelection(BlockSelection):
     """The ``ratio`` / ``top_k`` blocks closest to the centre of the image (padding excluded)."""
 
-    def __init__(self, ratio: float | None = 0.1, top_k: int | None = None, block_grid: int | None = None) -> None:
-        super().__init__(block_grid)
+    def __init__(self, ratio: float | None = 0.1, top_k: int | None = None, block_grid: int | None = None,
+                 whole_blocks: bool = False) -> None:
+        super().__init__(block_grid, whole_blocks)
         self.budget = Budget(None if top_k is not None else ratio, top_k)
 
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:

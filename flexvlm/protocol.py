@@ -1,0 +1,279 @@
+"""The paper's protocol in miniature: every mode fine-tuned from one stage-1 model, over seeds.
+
+    python -m flexvlm.protocol experiments/synthetic/protocol/protocol.yaml
+
+A protocol file names a base config, the stage-1 and stage-2 configs, the seeds, the stage-2
+schedule candidates and studies (each a stage-1 geometry and the modes fine-tuned from it):
+
+- stage 1, once per study and seed: base + the study's files + ``stage1``;
+- the schedule, chosen once on the validation split: the candidate whose mean final
+  ``val/accuracy`` over the ``schedule.modes`` of the first study (first seed) is highest; the
+  same one then serves every mode;
+- stage 2, per study, mode and seed: base + the study's files + the mode's file + ``stage2`` + the
+  chosen candidate, started with ``--model.init_from`` from the stage-1 run of the same seed, then
+  tested.
+
+The seed sets ``seed_everything`` (initialisation) and the training order
+(``data.init_args.shuffle_seed``); the data and the test split stay the same. Each run is a
+subprocess of ``python -m flexvlm fit``, in ``<save_dir>/<study>/<mode>/seed<k>``; a run whose
+folder holds its result is reused, so an interrupted protocol picks up where it stopped. The
+results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
+the schedule choice and the targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+STAGE1 = "stage1"
+
+
+@dataclass
+class Study:
+    name: str
+    files: list[str]  # stacked on the base in both stages (e.g. another high-res size)
+    modes: list[str]  # experiment names, <experiments>/<mode>.yaml
+
+
+@dataclass
+class Protocol:
+    base: str
+    experiments: str
+    stage1: str
+    stage2: str
+    seeds: list[int]
+    save_dir: str
+    studies: list[Study]
+    schedule_modes: list[str]
+    candidates: dict[str, list[str]]  # name -> extra CLI arguments
+    targets: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Protocol":
+        raw = yaml.safe_load(Path(path).read_text())
+        known = {"base", "experiments", "stage1", "stage2", "seeds", "save_dir", "studies", "schedule", "targets"}
+        if unknown := set(raw) - known:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+        studies = [Study(name, list(s.get("files", [])), list(s["modes"])) for name, s in raw["studies"].items()]
+        schedule = raw.get("schedule") or {"modes": [], "candidates": {"default": []}}
+        protocol = cls(raw["base"], raw["experiments"], raw["stage1"], raw["stage2"], list(raw["seeds"]),
+                       raw.get("save_dir", "runs/protocol"), studies, list(schedule["modes"]),
+                       {k: [str(a) for a in v] for k, v in schedule["candidates"].items()}, raw.get("targets", {}))
+        protocol.check()
+        return protocol
+
+    def mode_file(self, mode: str) -> str:
+        return str(Path(self.experiments) / f"{mode}.yaml")
+
+    def check(self) -> None:
+        """Every file named exists, before hours of training start."""
+        files = [self.base, self.stage1, self.stage2]
+        files += [f for s in self.studies for f in s.files] + [self.mode_file(m) for s in self.studies for m in s.modes]
+        files += [self.mode_file(m) for m in self.schedule_modes]
+        missing = sorted({f for f in files if not Path(f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"protocol names missing configs: {', '.join(missing)}")
+        if not self.seeds:
+            raise ValueError("protocol needs at least one seed")
+
+
+def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bool) -> float:
+    """One training run (``fit``, then ``test`` when asked) into ``folder``; -> wall seconds."""
+    args = [a for c in configs for a in ("--config", str(Path(c).resolve()))]
+    args += [
+        "--seed_everything", str(seed), "--data.init_args.shuffle_seed", str(seed),
+        "--trainer.logger.init_args.save_dir", str(folder.parent.parent.resolve()),
+        "--trainer.logger.init_args.name", folder.parent.name,
+        "--trainer.logger.init_args.version", folder.name,
+        "--trainer.enable_progress_bar", "false", "--test_after_fit", str(test).lower(), *extra,
+    ]
+    command = [sys.executable, "-m", "flexvlm", "fit", *args]
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"[protocol] {folder}: {' '.join(command)}", flush=True)
+    start = time.monotonic()
+    with open(folder / "protocol.log", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+    if code != 0:
+        raise RuntimeError(f"run failed (exit {code}): see {folder / 'protocol.log'}")
+    return time.monotonic() - start
+
+
+def _last_value(folder: Path, column: str) -> float:
+    """The last logged value of ``column`` in the run's CSVLogger metrics."""
+    with open(folder / "metrics.csv") as f:
+        values = [row[column] for row in csv.DictReader(f) if row.get(column)]
+    if not values:
+        raise RuntimeError(f"{folder / 'metrics.csv'} logged no {column}")
+    return float(values[-1])
+
+
+class Runner:
+    def __init__(self, protocol: Protocol, out: Path) -> None:
+        self.protocol, self.out = protocol, out
+        self.save_dir = Path(protocol.save_dir)
+
+    def stage1(self, study: Study, seed: int) -> Path:
+        """The stage-1 checkpoint of ``study`` and ``seed``, trained when missing."""
+        folder = self.save_dir / study.name / STAGE1 / f"seed{seed}"
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        if not (folder / "done.json").is_file():
+            p = self.protocol
+            wall = _fit([p.base, *study.files, p.stage1], folder, seed, [], test=True)
+            if not ckpt.is_file():
+                raise RuntimeError(f"stage 1 left no {ckpt}: its config needs a ModelCheckpoint that saves "
+                                   f"the final weights as last.ckpt (save_last, a step interval dividing max_steps)")
+            (folder / "done.json").write_text(json.dumps({"wall_s": wall}))
+        return ckpt
+
+    def stage2(self, study: Study, mode: str, seed: int, schedule: str, test: bool = True) -> dict:
+        """One stage-2 run from the stage-1 weights of its seed, trained when missing -> its row."""
+        p = self.protocol
+        name = mode if test else f"{mode}-{schedule}"
+        folder = self.save_dir / study.name / name / f"seed{seed}"
+        done = folder / "done.json"
+        if not done.is_file():
+            init = self.stage1(study, seed)
+            extra = [*p.candidates[schedule], "--model.init_from", str(init.resolve())]
+            wall = _fit([p.base, *study.files, p.mode_file(mode), p.stage2], folder, seed, extra, test=test)
+            result = {"wall_s": round(wall)}
+            if test:
+                metrics = json.loads((folder / "metrics.json").read_text())
+                result |= {"accuracy": metrics["test/accuracy"], "hr_fraction": metrics.get("test/hr_fraction")}
+            else:
+                result["val_accuracy"] = _last_value(folder, "val/accuracy")
+            done.write_text(json.dumps(result))
+        return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
+                **json.loads(done.read_text())}
+
+    def choose_schedule(self) -> tuple[str, list[dict]]:
+        """The candidate with the best mean final validation accuracy over the schedule modes."""
+        p = self.protocol
+        if len(p.candidates) == 1:
+            return next(iter(p.candidates)), []
+        study, seed = p.studies[0], p.seeds[0]
+        rows = [self.stage2(study, mode, seed, name, test=False) for name in p.candidates for mode in p.schedule_modes]
+        mean = {name: statistics.mean(r["val_accuracy"] for r in rows if r["schedule"] == name) for name in p.candidates}
+        return max(mean, key=mean.get), rows
+
+    def run(self) -> dict:
+        p = self.protocol
+        chosen, schedule_rows = self.choose_schedule()
+        print(f"[protocol] stage-2 schedule: {chosen} {p.candidates[chosen]}", flush=True)
+        rows = []
+        for study in p.studies:
+            for seed in p.seeds:
+                stage1 = self.stage1(study, seed)
+                metrics = json.loads((stage1.parent.parent / "metrics.json").read_text())
+                rows.append({"study": study.name, "config": STAGE1, "seed": seed, "schedule": "-",
+                             "accuracy": metrics["test/accuracy"], "hr_fraction": None,
+                             **json.loads((stage1.parent.parent / "done.json").read_text())})
+                rows += [self.stage2(study, mode, seed, chosen) for mode in study.modes]
+        report = {"schedule": chosen, "schedule_rows": schedule_rows, "rows": rows, "summary": summarise(rows)}
+        report["targets"] = check_targets(report["summary"], p.targets) if p.targets else []
+        self.write(report)
+        return report
+
+    def write(self, report: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        columns = ["study", "config", "seed", "schedule", "accuracy", "hr_fraction", "val_accuracy", "wall_s"]
+        with open(self.out / "runs.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(report["schedule_rows"] + report["rows"])
+        (self.out / "results.md").write_text(markdown(report, self.protocol))
+        print((self.out / "results.md").read_text(), flush=True)
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(study, config) -> mean and std (over seeds) of accuracy and HR fraction, and the seed count."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["study"], row["config"]), []).append(row)
+    summary = {}
+    for key, group in groups.items():
+        acc = [r["accuracy"] for r in group]
+        hr = [r["hr_fraction"] for r in group if r["hr_fraction"] is not None]
+        summary[key] = {
+            "accuracy": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "hr_fraction": statistics.mean(hr) if hr else None, "seeds": len(group),
+        }
+    return summary
+
+
+def check_targets(summary: dict[tuple[str, str], dict], targets: dict) -> list[tuple[str, str, bool]]:
+    """The issue's targets on the means of study ``targets['study']``, -> (target, measured, holds).
+    ``targets`` names the configs: flex, random, center, xattn, hd, low_res, and the chance level."""
+    study = targets.get("study", "main")
+
+    def acc(role: str) -> float:
+        return summary[(study, targets[role])]["accuracy"]
+
+    chance = float(targets["chance"])
+    flex, fraction = acc("flex"), summary[(study, targets["flex"])]["hr_fraction"] or 0.0
+    checks = [
+        ("flex (attention) uses <= 25 % of the HR tokens", f"{fraction:.3f}", fraction <= 0.25),
+        ("flex >= 95 % of xattn", f"{flex:.3f} vs {acc('xattn'):.3f} ({flex / acc('xattn'):.0%})",
+         flex >= 0.95 * acc("xattn")),
+        ("flex >= 95 % of hd", f"{flex:.3f} vs {acc('hd'):.3f} ({flex / acc('hd'):.0%})", flex >= 0.95 * acc("hd")),
+        ("attention beats random by >= 30 points", f"{flex:.3f} vs {acc('random'):.3f}",
+         flex >= acc("random") + 0.30),
+        ("attention beats center by >= 30 points", f"{flex:.3f} vs {acc('center'):.3f}",
+         flex >= acc("center") + 0.30),
+        ("lr_only within 10 points of chance", f"{acc('low_res'):.3f} (chance {chance:.2f})",
+         abs(acc("low_res") - chance) <= 0.10),
+        ("flex >= 50 points above chance", f"{flex:.3f}", flex >= chance + 0.50),
+    ]
+    return checks
+
+
+def markdown(report: dict, protocol: Protocol) -> str:
+    seeds = ", ".join(map(str, protocol.seeds))
+    lines = [f"Stage-2 schedule: `{report['schedule']}` ({' '.join(protocol.candidates[report['schedule']]) or 'as in stage2'}).", ""]
+    if report["schedule_rows"]:
+        lines += ["Schedule choice (final val/accuracy, seed %d):" % protocol.seeds[0], "",
+                  "| candidate | " + " | ".join(protocol.schedule_modes) + " | mean |", "|---" * (len(protocol.schedule_modes) + 2) + "|"]
+        for name in protocol.candidates:
+            vals = [r["val_accuracy"] for mode in protocol.schedule_modes for r in report["schedule_rows"]
+                    if r["schedule"] == name and r["config"] == f"{mode}-{name}"]
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {statistics.mean(vals):.3f} |")
+        lines.append("")
+    lines += [f"Test accuracy, mean +- std over seeds {seeds}:", "",
+              "| study | config | accuracy | HR fraction | seeds |", "|---|---|---|---|---|"]
+    for (study, config), s in report["summary"].items():
+        hr = "-" if s["hr_fraction"] is None else f"{s['hr_fraction']:.3f}"
+        lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {s['seeds']} |")
+    if report["targets"]:
+        lines += ["", "| target | measured (means) | holds? |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("protocol", help="the protocol YAML")
+    parser.add_argument("--out", help="folder for runs.csv / results.md (default: <save_dir>)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds")
+    parser.add_argument("--save_dir", help="override the protocol's run folder")
+    args = parser.parse_args(argv)
+    protocol = Protocol.load(args.protocol)
+    if args.seeds:
+        protocol.seeds = args.seeds
+    if args.save_dir:
+        protocol.save_dir = args.save_dir
+    return Runner(protocol, Path(args.out or protocol.save_dir)).run()
+
+
+if __name__ == "__main__":
+    main()

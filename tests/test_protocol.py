@@ -1,0 +1,111 @@
+"""The two-stage protocol runner (flexvlm.protocol): its bookkeeping by hand-computed cases, and one
+miniature protocol run end to end (a few steps per run)."""
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flexvlm.protocol import Protocol, Runner, check_targets, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ROOT / "experiments" / "synthetic"
+
+
+def test_the_shipped_protocol_names_existing_configs():
+    protocol = Protocol.load(SYNTHETIC / "protocol" / "protocol.yaml")  # check() runs in load
+    assert len(protocol.seeds) >= 3
+    assert protocol.targets["study"] == protocol.studies[0].name
+
+
+def test_protocol_errors_name_the_problem(tmp_path):
+    raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**raw, "seed": [0]}))
+    with pytest.raises(ValueError, match="unknown keys \\['seed'\\]"):
+        Protocol.load(tmp_path / "typo.yaml")
+    raw["studies"]["main"]["modes"].append("no_such_mode")
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(FileNotFoundError, match="no_such_mode.yaml"):
+        Protocol.load(tmp_path / "missing.yaml")
+
+
+def _row(config, seed, accuracy, hr=None):
+    return {"study": "main", "config": config, "seed": seed, "accuracy": accuracy, "hr_fraction": hr}
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    rows = [_row("flex", 0, 0.9, 0.1), _row("flex", 1, 0.8, 0.2), _row("flex", 2, 0.7, 0.15), _row("hd", 0, 1.0)]
+    summary = summarise(rows)
+    flex = summary[("main", "flex")]
+    assert flex["accuracy"] == pytest.approx(0.8) and flex["accuracy_std"] == pytest.approx(0.1)
+    assert flex["hr_fraction"] == pytest.approx(0.15) and flex["seeds"] == 3
+    assert summary[("main", "hd")] == {"accuracy": 1.0, "accuracy_std": 0.0, "hr_fraction": None, "seeds": 1}
+
+
+def test_targets_are_checked_on_the_means():
+    names = {"flex": "f", "random": "r", "center": "c", "xattn": "x", "hd": "h", "low_res": "l", "chance": 0.1}
+    means = {"f": (0.95, 0.125), "r": (0.64, 0.125), "c": (0.66, 0.125), "x": (1.0, None), "h": (0.99, None),
+             "l": (0.21, None)}
+    summary = {("main", k): {"accuracy": a, "hr_fraction": hr} for k, (a, hr) in means.items()}
+    holds = {target: ok for target, _, ok in check_targets(summary, names)}
+    assert holds == {
+        "flex (attention) uses <= 25 % of the HR tokens": True,
+        "flex >= 95 % of xattn": True,  # 0.95 >= 0.95 * 1.0
+        "flex >= 95 % of hd": True,
+        "attention beats random by >= 30 points": True,  # 0.95 >= 0.64 + 0.30
+        "attention beats center by >= 30 points": False,  # 0.95 < 0.66 + 0.30
+        "lr_only within 10 points of chance": False,  # |0.21 - 0.1| > 0.10
+        "flex >= 50 points above chance": True,
+    }
+
+
+def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
+    """Two seeds, two schedule candidates, two modes, a few steps each: every stage-2 run starts from
+    the stage-1 weights of its own seed, and the schedule is picked on validation accuracy."""
+    last = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 2}}
+    tiny = {"trainer": {"max_steps": 2, "val_check_interval": 2, "callbacks": [last], "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
+            "data": {"init_args": {"num_train": 16, "num_val": 8, "num_test": 8, "batch_size": 8,
+                                   "eval_batch_size": 8}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    stage2 = yaml.safe_load((SYNTHETIC / "protocol" / "stage2.yaml").read_text())
+    stage2["trainer"] = tiny["trainer"]  # stage 2 stacks last: its budget must be the tiny one too
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(stage2))
+    raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
+    raw = {**raw, "seeds": [0, 1], "save_dir": str(tmp_path / "runs"),
+           "studies": {"main": {"files": [str(tmp_path / "tiny.yaml")], "modes": ["xattn", "flex_attention_ratio"]}},
+           "schedule": {"modes": ["flex_attention_ratio"],
+                        "candidates": {"slow": ["--model.lr", "1e-9"], "fast": ["--model.lr", "3e-3"]}}}
+    raw = {k: str(ROOT / v) if k in ("base", "experiments", "stage1") else v for k, v in raw.items()}
+    raw["stage2"] = str(tmp_path / "stage2.yaml")
+    raw.pop("targets")
+    (tmp_path / "protocol.yaml").write_text(yaml.safe_dump(raw))
+    runner = Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out")
+    report = runner.run()
+
+    chosen_val = {r["schedule"]: r["val_accuracy"] for r in report["schedule_rows"]}
+    assert report["schedule"] == max(chosen_val, key=chosen_val.get)
+    runs = tmp_path / "runs" / "main"
+    for seed in (0, 1):
+        stage1 = torch.load(runs / "stage1" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
+        config = yaml.safe_load((runs / "xattn" / f"seed{seed}" / "config.yaml").read_text())
+        assert config["model"]["init_from"] == str((runs / "stage1" / f"seed{seed}" / "checkpoints" / "last.ckpt"))
+        assert config["seed_everything"] == seed and config["data"]["init_args"]["shuffle_seed"] == seed
+        model = config["model"]
+        assert model["model"]["init_args"]["mode"] == "xattn"
+        assert model["aux_objective"]["init_args"]["grounding_weight"] == 0.0
+        assert "k_hr_proj" not in " ".join(stage1["state_dict"])  # stage 1 is the low-res-only model
+    rows = list(csv.DictReader(open(tmp_path / "out" / "runs.csv")))
+    assert [(r["config"], r["seed"]) for r in rows if r["accuracy"] and r["config"] != "stage1"] == [
+        ("xattn", "0"), ("flex_attention_ratio", "0"), ("xattn", "1"), ("flex_attention_ratio", "1")]
+    flex = [json.loads((runs / "flex_attention_ratio" / f"seed{s}" / "metrics.json").read_text())["test/accuracy"]
+            for s in (0, 1)]
+    assert report["summary"][("main", "flex_attention_ratio")]["accuracy"] == pytest.approx(statistics.mean(flex))
+    assert "| main | xattn |" in (tmp_path / "out" / "results.md").read_text()
+    # a second call reuses every finished run
+    assert Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()["rows"] == report["rows"]
