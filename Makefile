@@ -5,7 +5,7 @@ SYNTHETIC := experiments/synthetic
 EVALS := "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_random.yaml" \
          "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_center.yaml"
 
-.PHONY: demo test test-slow sweep bench clean
+.PHONY: demo test test-slow sweep protocol bench clean
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +29,10 @@ sweep: .venv/installed
 	$(PY) scripts/sweep.py $(SYNTHETIC) $(EVALS) --jobs 2 --out $(SYNTHETIC)/results \
 		--extra --data.init_args.num_workers 1 \
 		--trainer.enable_progress_bar false
+
+# the two-stage protocol: every mode from one low-res-only model per seed -> runs/protocol/results.md
+protocol: .venv/installed
+	$(PY) -m flexvlm.protocol $(SYNTHETIC)/protocol/protocol.yaml --out runs/protocol
 
 bench: .venv/installed
 	mkdir -p runs && $(PY) scripts/bench_efficiency.py --json runs/benchmarks.json

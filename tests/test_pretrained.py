@@ -139,6 +139,9 @@ def test_released_checkpoint_logits_match_the_model_built_by_hand(release):
     image_rows = (torch.arange(18) >= 7) & (torch.arange(18) <= 10)
     assert torch.equal(cut.selection_masks[9][0, 0], whole & image_rows[:, None])
     assert (cut.logits - expected.logits).abs().max() > 1e-3
+    # fractions of what each rule can select: every token of the square, or the image's 4 x 18 rows
+    assert torch.isclose(out.selected_fraction[9], whole.sum() / whole.numel())
+    assert torch.isclose(cut.selected_fraction[9], cut.selection_masks[9][0, 0].sum() / (4 * 18))
 
 
 def test_released_random_ablation_and_overrides(release, tmp_path):

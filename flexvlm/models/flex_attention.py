@@ -149,8 +149,12 @@ class HighResState:
         self.lr_grid, self.hr_grid = lr_valid.shape[-1], hr_valid.shape[-1]
         self.strategy, self.dense, self.alpha, self.kv_mode = strategy, dense, alpha, kv_mode
         self.map_grad = map_grad
-        self.available = hr_valid.flatten(1).sum(-1).clamp(min=1)  # (B,) HR tokens inside the image
         self._base_context = SelectionContext(self.lr_grid, self.hr_grid, lr_valid, hr_valid, layer=-1)
+        # (B,) HR tokens a row can select: those of the image, or every one for a strategy that keeps
+        # padding (whole blocks), so that a fraction never exceeds 1
+        selectable = hr_valid if strategy is None else strategy.clip(torch.ones_like(hr_valid)[:, None],
+                                                                     self._base_context)
+        self.available = selectable.flatten(1).sum(-1).clamp(min=1)
         self._contexts: dict[int, SelectionContext] = {}  # FA layer -> its context, sharing the memo
         self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # layer -> K, V buffers, projected (B, M)
         self._last: dict[int, tuple[Tensor, ...]] = {}  # layer -> tokens, valid, their K, V last gathered
