@@ -26,7 +26,7 @@ test-slow: .venv/installed
 
 # every synthetic experiment at the same budget -> $(SYNTHETIC)/results/results.{csv,md}
 sweep: .venv/installed
-	$(PY) scripts/sweep.py $(SYNTHETIC) $(EVALS) --jobs 2 --out $(SYNTHETIC)/results \
+	$(PY) -m flexvlm.sweep $(SYNTHETIC) $(EVALS) --jobs 2 --out $(SYNTHETIC)/results \
 		--extra --data.init_args.num_workers 1 \
 		--trainer.enable_progress_bar false
 

@@ -26,15 +26,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from flexvlm.sweep import run_command
 
 STAGE1 = "stage1"
 
@@ -102,9 +102,7 @@ def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bo
     folder.mkdir(parents=True, exist_ok=True)
     print(f"[protocol] {folder}: {' '.join(command)}", flush=True)
     start = time.monotonic()
-    with open(folder / "protocol.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+    code = run_command(command, str(folder / "protocol.log"))
     if code != 0:
         raise RuntimeError(f"run failed (exit {code}): see {folder / 'protocol.log'}")
     return time.monotonic() - start

@@ -1,0 +1,345 @@
+"""Sweeps: experiment configs crossed with grids of overrides and with seeds, run here or on a
+cluster, summarised as one table (mean +- std over seeds) and a picture of accuracy against FLOPs.
+
+    python -m flexvlm.sweep experiments/synthetic                      # every YAML in the folder
+    python -m flexvlm.sweep experiments/synthetic/flex_attn.yaml experiments/synthetic/xattn.yaml \\
+        --grid model.model.init_args.num_sa_layers=1,2 --seeds 0 1 2
+    python -m flexvlm.sweep "experiments/synthetic/flex_attention_ratio.yaml+experiments/synthetic/eval/as_random.yaml"
+    python -m flexvlm.sweep --file my_sweep.yaml --launcher submitit --cluster slurm \\
+        --submitit slurm_partition=gpu timeout_min=120 gpus_per_node=1
+
+An entry is one YAML, a folder of them, or several joined by '+' that stack in that order on top of
+``--base``. Each entry runs once per grid point (``--grid key=v1,v2``, crossed) and per seed
+(``--seeds``: ``seed_everything`` and the training order, ``data.init_args.shuffle_seed``). An
+entry whose files set ``ckpt_path`` is evaluated (``test``) after the training runs, on the
+checkpoint of the same grid point and seed (its ``/sweep/`` folder becomes the run's); any other
+is trained and tested (``fit --test_after_fit true``). A run's folder is
+``<logger save_dir>/<name>/<version>``, the version naming its grid point and seed; a run whose
+folder holds its metrics is reused (unless ``--rerun``), so an interrupted sweep picks up where it
+stopped. After each run the FLOPs of a whole greedy generation per sample are counted on the first
+test batch.
+
+``--file`` reads the same settings from a YAML (``entries``, ``base``, ``grid`` {key: [values]},
+``seeds``, ``extra``, ``out``, ``jobs``, ``launcher``, ``cluster``, ``submitit`` {parameter:
+value}); options on the command line win. With ``--launcher submitit`` each run is a job of
+submitit's executor (``--cluster slurm``, or ``local`` / ``debug`` to try it here), so one sweep
+file runs here or on a cluster. Output in ``--out``: ``runs.csv`` (a row per run), ``results.csv``
+and ``results.md`` (a row per entry and grid point), ``accuracy_vs_flops.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from flexvlm.cli import main as cli_main
+from flexvlm.flops import generation_flops
+from flexvlm.plots import accuracy_flops_plot
+
+VERSION = "sweep"  # the version folder of a run without grid point or seed; evaluation entries name it
+SUMMARY_COLUMNS = ["config", "mode", "selection", "accuracy", "accuracy_std", "seeds", "hr_fraction",
+                   "mflops_per_sample", "train_steps", "wall_s"]
+RUN_COLUMNS = ["config", "seed", "mode", "selection", "accuracy", "hr_fraction", "mflops_per_sample",
+               "train_steps", "wall_s"]
+
+
+@dataclass
+class Run:
+    files: list[str]
+    overrides: dict[str, str] = field(default_factory=dict)  # a grid point: dotted key -> value
+    seed: int | None = None
+
+    @property
+    def config(self) -> str:
+        """The entry and grid point: what the summary groups seeds under."""
+        label = "+".join(Path(f).stem for f in self.files)
+        point = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.overrides.items())
+        return f"{label}[{point}]" if point else label
+
+    @property
+    def version(self) -> str:
+        parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.overrides.items()]
+        parts += [f"seed{self.seed}"] if self.seed is not None else []
+        return "-".join([VERSION, *parts])
+
+    @property
+    def label(self) -> str:
+        return self.config + (f" seed {self.seed}" if self.seed is not None else "")
+
+    def checkpoint(self) -> str | None:
+        """The ``ckpt_path`` the stacked files set (the last one wins), moved to this run's version."""
+        paths = [(yaml.safe_load(Path(f).read_text()) or {}).get("ckpt_path") for f in self.files]
+        path = next((p for p in reversed(paths) if p), None)
+        return path.replace(f"/{VERSION}/", f"/{self.version}/") if path else None
+
+    def cli_args(self, base: str, extra: list[str]) -> list[str]:
+        # absolute paths: jsonargparse changes into a config's folder while it reads it
+        args = [a for f in [base, *self.files] for a in ("--config", str(Path(f).resolve()))]
+        args += ["--trainer.logger.init_args.version", self.version]
+        for key, value in self.overrides.items():
+            args += [f"--{key}", value]
+        if self.seed is not None:
+            args += ["--seed_everything", str(self.seed), "--data.init_args.shuffle_seed", str(self.seed)]
+        return args + extra
+
+    def folder(self, base: str) -> Path:
+        """<save_dir>/<name>/<version> of the stacked configs' logger."""
+        logger: dict = {}
+        for file in [base, *self.files]:
+            config = yaml.safe_load(Path(file).read_text()) or {}
+            logger.update(config.get("trainer", {}).get("logger", {}).get("init_args", {}))
+        return Path(logger["save_dir"]) / logger["name"] / self.version
+
+
+def expand(entries: list[str], grid: dict[str, list[str]], seeds: list[int]) -> list[Run]:
+    """Every entry crossed with every grid point and seed."""
+    stacks = []
+    for entry in entries:
+        path = Path(entry)
+        stacks += [[str(p)] for p in sorted(path.glob("*.yaml"))] if path.is_dir() else [entry.split("+")]
+    missing = sorted({f for files in stacks for f in files if not Path(f).is_file()})
+    if missing:
+        raise SystemExit(f"no such config: {', '.join(missing)}")
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return [Run(files, point, seed) for files in stacks for point in points for seed in (seeds or [None])]
+
+
+def run_command(command: list[str], log: str) -> int:
+    """One run as a subprocess, its output in ``log`` (a submitit job calls this too)."""
+    with open(log, "w") as f:
+        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+
+
+class Launcher:
+    """Runs a command here (a subprocess) or as a submitit job; ``jobs`` threads call it at once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.executor = None
+        if args.launcher == "submitit":
+            import submitit  # an optional dependency: pip install 'flexvlm[cluster]'
+
+            self.executor = submitit.AutoExecutor(folder=Path(args.out) / "submitit", cluster=args.cluster)
+            self.executor.update_parameters(**args.submitit)
+
+    def run(self, command: list[str], log: Path) -> int:
+        """Runs ``command`` and waits for it; -> its exit status."""
+        if self.executor is None:
+            return run_command(command, str(log))
+        return self.executor.submit(run_command, command, str(log)).result()
+
+
+class Progress:
+    """Prints run i of n with the time left, estimated from the runs that ran."""
+
+    def __init__(self, total: int, jobs: int) -> None:
+        self.total, self.jobs, self.done, self.walls = total, jobs, 0, []
+        self.lock = threading.Lock()
+
+    def finished(self, label: str, wall: float | None) -> None:
+        with self.lock:
+            self.done += 1
+            if wall is not None:
+                self.walls.append(wall)
+            left = ""
+            if self.walls:
+                seconds = statistics.mean(self.walls) * (self.total - self.done) / self.jobs
+                left = f", about {int(seconds // 60)} min {int(seconds % 60)} s left"
+            print(f"[sweep] run {self.done} of {self.total} done ({label}){left}", flush=True)
+
+
+SUMMARY_LOCK = threading.Lock()  # building a CLI changes the working folder: one at a time
+
+
+def execute(run: Run, args: argparse.Namespace, launcher: Launcher, progress: Progress) -> dict:
+    folder = run.folder(args.base)
+    if (folder / "metrics.json").is_file() and not args.rerun:
+        print(f"[sweep] {run.label}: finished before in {folder}, reused (--rerun trains again)", flush=True)
+        progress.finished(run.label, None)
+        return measure(run, args)
+    checkpoint = run.checkpoint()
+    subcommand = "test" if checkpoint else "fit"
+    command = [sys.executable, "-m", "flexvlm", subcommand, *run.cli_args(args.base, args.extra)]
+    command += ["--ckpt_path", checkpoint] if checkpoint else ["--test_after_fit", "true"]
+    # each run keeps its config's thread count (`threads`): results depend on it, so a run of the
+    # sweep and the same command run alone give the same figures
+    log = Path(args.out) / "logs" / f"{run.config}-{run.version}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] {run.label}: {' '.join(command)}", flush=True)
+    start = time.monotonic()
+    code = launcher.run(command, log)
+    progress.finished(run.label, time.monotonic() - start)
+    if code != 0:
+        print(f"[sweep] {run.label} FAILED (exit {code}), see {log}", flush=True)
+        return {"config": run.config, "seed": run.seed}
+    return measure(run, args)
+
+
+def measure(run: Run, args: argparse.Namespace) -> dict:
+    with SUMMARY_LOCK:
+        return _measure(run, args)
+
+
+def _measure(run: Run, args: argparse.Namespace) -> dict:
+    """Metrics of the finished run, and FLOPs per sample of its model on the first test batch.
+    Wall time: from the run's saved config (written as it starts) to its metrics (written last)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # ckpt_path belongs to a subcommand: the parser built without one (run=False) rejects it
+        stripped = []
+        for i, file in enumerate(run.files):
+            config = yaml.safe_load(Path(file).read_text()) or {}
+            config.pop("ckpt_path", None)
+            stripped.append(str(Path(tmp) / f"{i}.yaml"))
+            Path(stripped[-1]).write_text(yaml.safe_dump(config))
+        with warnings.catch_warnings():  # LightningCLI warns that this process has its own argv
+            warnings.simplefilter("ignore")
+            cli = cli_main(Run(stripped, run.overrides, run.seed).cli_args(args.base, args.extra), run=False)
+    log_dir = Path(cli.trainer.log_dir)
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    wall = (log_dir / "metrics.json").stat().st_mtime - (log_dir / "config.yaml").stat().st_mtime
+    ckpt = run.checkpoint() or log_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cli.model.load_state_dict(state["state_dict"])
+    cli.datamodule.setup("test")
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    model = cli.model.model.eval()
+    flops = generation_flops(model, batch, cli.model.hparams.max_new_tokens, cli.datamodule.tokenizer.eos_id)
+    selection = type(model.selection).__name__ if model.selection is not None else "-"
+    return {
+        "config": run.config, "seed": run.seed, "mode": model.mode, "selection": selection,
+        "accuracy": round(metrics.get("test/accuracy", float("nan")), 4),
+        "hr_fraction": round(metrics.get("test/hr_fraction", 1.0 if model.mode in ("hd", "xattn") else 0.0), 4),
+        "mflops_per_sample": round(flops / 1e6, 2), "train_steps": state["global_step"], "wall_s": round(wall),
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """A row per config (entry and grid point): means over its seeds, and the accuracy's sample std."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if "accuracy" in row:  # a failed run has no metrics
+            groups.setdefault(row["config"], []).append(row)
+    summary = []
+    for config, group in groups.items():
+        acc = [r["accuracy"] for r in group]
+        first = group[0]
+        summary.append({
+            "config": config, "mode": first["mode"], "selection": first["selection"],
+            "accuracy": round(statistics.mean(acc), 4),
+            "accuracy_std": round(statistics.stdev(acc), 4) if len(acc) > 1 else 0.0, "seeds": len(acc),
+            "hr_fraction": round(statistics.mean(r["hr_fraction"] for r in group), 4),
+            "mflops_per_sample": first["mflops_per_sample"], "train_steps": first["train_steps"],
+            "wall_s": round(statistics.mean(r["wall_s"] for r in group)),
+        })
+    return summary
+
+
+def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_tables(rows: list[dict], out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    write_csv(rows, RUN_COLUMNS, out / "runs.csv")
+    write_csv(summary, SUMMARY_COLUMNS, out / "results.csv")
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in SUMMARY_COLUMNS) + " |" for row in summary]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if summary:
+        accuracy_flops_plot(summary).save(out / "accuracy_vs_flops.png")
+    return summary
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """["key=v1,v2", ...] -> {key: [v1, v2]}."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise SystemExit(f"--grid {item!r}: expected key=value1,value2")
+        grid[key.lstrip("-")] = values.split(",")
+    return grid
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("entries", nargs="*", help="YAML files, folders of them, or a+b stacks")
+    parser.add_argument("--file", help="a sweep YAML with the settings below (the command line wins)")
+    parser.add_argument("--base", help="config every entry stacks on (default configs/synthetic.yaml)")
+    parser.add_argument("--out", help="folder for the tables, the plot and the logs (default runs/sweep)")
+    parser.add_argument("--grid", action="append", default=[], help="key=v1,v2: one run per value, crossed")
+    parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed, aggregated as mean +- std")
+    parser.add_argument("--jobs", type=int, help="runs at once (evaluations wait for the training runs)")
+    parser.add_argument("--launcher", choices=["local", "submitit"], help="subprocesses here, or submitit jobs")
+    parser.add_argument("--cluster", help="submitit's cluster: slurm (default), local or debug")
+    parser.add_argument("--submitit", nargs="+", default=[], help="executor parameters, name=value")
+    parser.add_argument("--rerun", action="store_true", help="train again runs that finished before")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, help="arguments passed to every run")
+    args = parser.parse_args(argv)
+    file = yaml.safe_load(Path(args.file).read_text()) if args.file else {}
+    known = {"entries", "base", "out", "grid", "seeds", "jobs", "launcher", "cluster", "submitit", "extra"}
+    if unknown := set(file) - known:
+        raise SystemExit(f"{args.file}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    defaults = {"base": "configs/synthetic.yaml", "out": "runs/sweep", "jobs": 1, "launcher": "local",
+                "cluster": "slurm", "seeds": [], "extra": []}
+    for key, default in defaults.items():
+        if getattr(args, key) in (None, []):
+            setattr(args, key, file.get(key, default))
+    args.entries = args.entries or file.get("entries", [])
+    if not args.entries:
+        raise SystemExit("no entries: name configs on the command line or under `entries` in --file")
+    args.grid = {**{k: [str(v) for v in vs] for k, vs in file.get("grid", {}).items()}, **parse_grid(args.grid)}
+    submitit_params = dict(file.get("submitit", {}))
+    for item in args.submitit:
+        key, _, value = item.partition("=")
+        submitit_params[key] = _number(value)
+    args.submitit = submitit_params
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    runs = expand(args.entries, args.grid, args.seeds)
+    training = [run for run in runs if run.checkpoint() is None]
+    evaluation = [run for run in runs if run.checkpoint() is not None]
+    launcher, progress = Launcher(args), Progress(len(runs), args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda run: execute(run, args, launcher, progress), training))
+    rows += [execute(run, args, launcher, progress) for run in evaluation]
+    return write_tables(rows, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
