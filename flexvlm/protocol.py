@@ -5,7 +5,8 @@
 A protocol file names a base config, the stage-1 and stage-2 configs, the seeds, the stage-2
 schedule candidates and studies (each a stage-1 geometry and the modes fine-tuned from it):
 
-- stage 1, once per study and seed: base + the study's files + ``stage1``;
+- stage 1, once per study and seed (a study may name its own ``seeds``): base + the study's files +
+  ``stage1``;
 - the schedule, chosen once on the validation split: the candidate whose mean final
   ``val/accuracy`` over the ``schedule.modes`` of the first study (first seed) is highest; the
   same one then serves every mode;
@@ -44,6 +45,7 @@ class Study:
     name: str
     files: list[str]  # stacked on the base in both stages (e.g. another high-res size)
     modes: list[str]  # experiment names, <experiments>/<mode>.yaml
+    seeds: list[int] | None = None  # None: the protocol's
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Protocol:
         known = {"base", "experiments", "stage1", "stage2", "seeds", "save_dir", "studies", "schedule", "targets"}
         if unknown := set(raw) - known:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
-        studies = [Study(name, list(s.get("files", [])), list(s["modes"])) for name, s in raw["studies"].items()]
+        studies = [Study(name, list(s.get("files", [])), list(s["modes"]), s.get("seeds"))
+                   for name, s in raw["studies"].items()]
         schedule = raw.get("schedule") or {"modes": [], "candidates": {"default": []}}
         protocol = cls(raw["base"], raw["experiments"], raw["stage1"], raw["stage2"], list(raw["seeds"]),
                        raw.get("save_dir", "runs/protocol"), studies, list(schedule["modes"]),
@@ -171,7 +174,7 @@ class Runner:
         print(f"[protocol] stage-2 schedule: {chosen} {p.candidates[chosen]}", flush=True)
         rows = []
         for study in p.studies:
-            for seed in p.seeds:
+            for seed in study.seeds or p.seeds:
                 stage1 = self.stage1(study, seed)
                 metrics = json.loads((stage1.parent.parent / "metrics.json").read_text())
                 rows.append({"study": study.name, "config": STAGE1, "seed": seed, "schedule": "-",
@@ -237,7 +240,7 @@ def check_targets(summary: dict[tuple[str, str], dict], targets: dict) -> list[t
 
 
 def markdown(report: dict, protocol: Protocol) -> str:
-    seeds = ", ".join(map(str, protocol.seeds))
+    seeds = ", ".join(map(str, protocol.seeds)) + " (a study's own seeds where the table says fewer)"
     lines = [f"Stage-2 schedule: `{report['schedule']}` ({' '.join(protocol.candidates[report['schedule']]) or 'as in stage2'}).", ""]
     if report["schedule_rows"]:
         lines += ["Schedule choice (final val/accuracy, seed %d):" % protocol.seeds[0], "",
