@@ -1,9 +1,11 @@
-"""Pre-trained weights from local files: LLaVA-1.5, LLaMA / Vicuna and CLIP vision towers.
+"""Pre-trained weights from local files: LLaVA-1.5, decoders (LLaMA / Vicuna, Qwen2, Gemma) and CLIP
+vision towers.
 
-Each family has a plain rename function (litgpt style) from its checkpoint's tensor names to
-flexvlm's. The layout is told from the files (tensor names, `config.json`), never from a folder
-name, and nothing is ever downloaded. A folder holds `model.safetensors`, `pytorch_model.bin` or
-either sharded with an `*.index.json`; pickled files are read with `weights_only=True`.
+Each kind of checkpoint has a plain rename function (litgpt style) from its tensor names to
+flexvlm's, and each decoder family a reader of its transformers `config.json`. The layout is told
+from the files (tensor names, `config.json`), never from a folder name, and nothing is ever
+downloaded. A folder holds `model.safetensors`, `pytorch_model.bin` or either sharded with an
+`*.index.json`; pickled files are read with `weights_only=True`.
 
 Every load is strict: a missing, unexpected or mis-shaped tensor is a ValueError that lists the
 names and shapes, and `config.json` settings that no shape reveals (RMSNorm eps, RoPE, the CLIP
@@ -18,15 +20,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
-from flexvlm.models.llm import LanguageModel, LlamaConfig
+from flexvlm.models.decoder import DecoderConfig, LanguageModel
+from flexvlm.models.gemma import Gemma, GemmaConfig
+from flexvlm.models.llm import Llama, LlamaConfig
+from flexvlm.models.qwen2 import Qwen2, Qwen2Config
 from flexvlm.models.vision import OpenClipBackbone, VisionBackbone, _listing, load_state_dict_strict, read_state_dict
 from flexvlm.selection import AttentionSelection, RandomSelection, SelectionStrategy
 
@@ -36,14 +41,17 @@ if TYPE_CHECKING:
 __all__ = [
     "PretrainedWeights",
     "arguments_from_llava",
+    "decoder_config_from_hf",
     "llama_config_from_hf",
+    "qwen2_config_from_hf",
+    "gemma_config_from_hf",
     "clip_backbone_from_hf",
     "read_checkpoint",
     "read_config",
     "llama_from_hf",
     "clip_vision_from_hf",
     "clip_vision_from_open_clip",
-    "load_llama_weights",
+    "load_llm_weights",
     "load_clip_vision",
     "load_projector",
     "load_llava",
@@ -106,9 +114,10 @@ _RELEASED_HIGH_RES = re.compile(r"(self_attn\.[kv])_proj_hd\.")  # the authors' 
 
 
 def llama_from_hf(state: StateDict) -> StateDict:
-    """`LlamaForCausalLM` names are flexvlm's already; the RoPE buffers that older transformers
-    versions saved are dropped (they are recomputed), and the authors' released FlexAttention
-    checkpoint names W_K' / W_V' `self_attn.{k,v}_proj_hd`, flexvlm `self_attn.{k,v}_hr_proj`."""
+    """`LlamaForCausalLM` names (which `Qwen2ForCausalLM` and `GemmaForCausalLM` share) are flexvlm's
+    already; the RoPE buffers that older transformers versions saved are dropped (they are
+    recomputed), and the authors' released FlexAttention checkpoint names W_K' / W_V'
+    `self_attn.{k,v}_proj_hd`, flexvlm `self_attn.{k,v}_hr_proj`."""
     return {_RELEASED_HIGH_RES.sub(r"\1_hr_proj.", k): v for k, v in state.items()
             if not k.endswith("rotary_emb.inv_freq")}
 
@@ -177,46 +186,129 @@ def _raise_mismatches(problems: list[str], source: str, what: str) -> None:
         raise ValueError(f"{source}: config.json does not match the {what}:\n  " + "\n  ".join(problems))
 
 
-def llama_config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
-    """A HF LLaMA config (`config.json`, or llava-hf's `text_config`) as a LlamaConfig. An absent key
-    means transformers' default, as in transformers itself (llava-hf saves only the keys that differ
-    from it: its 7B `text_config` names the vocabulary, 32064, but not the sizes). Settings that the
-    decoder does not implement (activation, RoPE type, head size) are refused."""
+# transformers' defaults of each family's config, for the keys a config.json leaves out (llava-hf saves
+# only the keys that differ from them: its 7B `text_config` names the vocabulary, 32064, not the sizes)
+_HF_LLAMA_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+_HF_QWEN2_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+    "tie_word_embeddings": False, "hidden_act": "silu",
+}
+_HF_GEMMA_DEFAULTS = {
+    "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+}
+
+
+def _decoder_config(
+    config_class: type[DecoderConfig], hf: dict, defaults: dict, activations: tuple[str, ...], problems: list[str],
+    source: str, **fields: Any,
+) -> DecoderConfig:
+    """A family's config from a transformers config.json (or llava-hf's `text_config`), an absent key
+    meaning transformers' default (`defaults`), as in transformers itself. Settings that the decoder
+    does not implement are refused: `problems` found by the family, an activation not in
+    `activations`, a RoPE type other than the default."""
+    hf, problems = {**defaults, **hf}, list(problems)
+    act = hf.get("hidden_activation") or hf["hidden_act"]  # old Gemma configs name it hidden_activation
+    if act not in activations:
+        problems.append(f"hidden_act {act!r}: the decoder implements {' / '.join(activations)} only")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    hidden, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-    problems = []
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {hf['hidden_act']!r}: the decoder implements silu only")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         problems.append(f"RoPE type {rope_type!r}: the decoder implements the default RoPE only")
-    if hf.get("head_dim", hidden // heads) != hidden // heads:
-        problems.append(f"head_dim {hf['head_dim']}: the decoder's heads are hidden_size / num_attention_heads")
     _raise_mismatches(problems, source, "decoder flexvlm implements")
-    return LlamaConfig(
-        vocab_size=hf.get("vocab_size", 32000),
-        hidden_size=hidden,
-        intermediate_size=hf.get("intermediate_size", 11008),
-        num_layers=hf.get("num_hidden_layers", 32),
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads"),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        attention_bias=hf.get("attention_bias", False),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-    )
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    # a family whose transformers config sets a head size of its own (Gemma) keeps it; elsewhere it is
+    # derived from the width, as a preset's is
+    explicit_head = "head_dim" in defaults or head_dim != hidden // heads
+    return config_class(**{
+        "vocab_size": hf["vocab_size"], "hidden_size": hidden, "intermediate_size": hf["intermediate_size"],
+        "num_layers": hf["num_hidden_layers"], "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads"),
+        "head_size": head_dim if explicit_head else None,
+        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rms_norm_eps": hf["rms_norm_eps"],
+        "max_position_embeddings": hf["max_position_embeddings"], "tie_word_embeddings": hf["tie_word_embeddings"],
+        **fields,
+    })
 
 
-_SHAPELESS_LLAMA_SETTINGS = ("rms_norm_eps", "rope_theta", "tie_word_embeddings")
+def llama_config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
+    """A transformers LLaMA config (`config.json`, or llava-hf's `text_config`) as a LlamaConfig."""
+    return _decoder_config(LlamaConfig, hf, _HF_LLAMA_DEFAULTS, ("silu",), [], source,
+                           attention_bias=hf.get("attention_bias", False))
 
 
-def _check_llama_config(config: LlamaConfig, hf: dict, source: str) -> None:
-    """Settings that no tensor shape reveals; a wrong one gives silently wrong logits."""
-    found = llama_config_from_hf(hf, source)
+def qwen2_config_from_hf(hf: dict, source: str = "config.json") -> Qwen2Config:
+    """A transformers Qwen2 config as a Qwen2Config: q/k/v bias always; sliding windows refused."""
+    sliding = hf.get("use_sliding_window")
+    problems = ["use_sliding_window: the decoder implements full attention only"] if sliding else []
+    return _decoder_config(Qwen2Config, hf, _HF_QWEN2_DEFAULTS, ("silu",), problems, source, attention_bias=True)
+
+
+def gemma_config_from_hf(hf: dict, source: str = "config.json") -> GemmaConfig:
+    """A transformers Gemma (1) config as a GemmaConfig. Gemma's released configs say `gelu`, which
+    transformers reads as the tanh approximation, as flexvlm does."""
+    problems = ["attention_bias: Gemma's projections have no bias in flexvlm"] if hf.get("attention_bias") else []
+    return _decoder_config(GemmaConfig, hf, _HF_GEMMA_DEFAULTS, ("gelu", "gelu_pytorch_tanh"), problems, source)
+
+
+@dataclass(frozen=True)
+class _HFDecoder:
+    """How a family's transformers checkpoints are read."""
+
+    family: type[LanguageModel]
+    read_config: Callable[[dict, str], DecoderConfig]
+    rename: Callable[[StateDict], StateDict]
+    model_types: tuple[str, ...]  # config.json `model_type`s of the family, LLaVA's own among them
+
+
+# transformers' Qwen2 and Gemma use LLaMA's tensor names: one rename function serves the three
+_HF_DECODERS = (
+    _HFDecoder(Llama, llama_config_from_hf, llama_from_hf, ("llama", "llava_llama")),
+    _HFDecoder(Qwen2, qwen2_config_from_hf, llama_from_hf, ("qwen2", "llava_qwen")),
+    _HFDecoder(Gemma, gemma_config_from_hf, llama_from_hf, ("gemma",)),
+)
+
+
+def _hf_decoder(llm: LanguageModel, source: str) -> _HFDecoder:
+    entry = next((e for e in _HF_DECODERS if type(llm) is e.family), None)
+    if entry is None:
+        raise ValueError(f"{source}: flexvlm reads no transformers checkpoint into a {type(llm).__name__}; register "
+                         f"its config reader and rename function in flexvlm.checkpoints._HF_DECODERS")
+    return entry
+
+
+def decoder_config_from_hf(hf: dict, source: str = "config.json") -> tuple[type[LanguageModel], DecoderConfig]:
+    """The family (by `model_type`; LLaMA when there is none, as in LLaVA-1.5's configs) and the config
+    of a transformers / LLaVA config.json's decoder."""
+    model_type = hf.get("model_type", "llama")
+    for entry in _HF_DECODERS:
+        if model_type in entry.model_types:
+            return entry.family, entry.read_config(hf, source)
+    known = [t for entry in _HF_DECODERS for t in entry.model_types]
+    raise ValueError(f"{source}: config.json model_type {model_type!r} is no decoder family flexvlm implements "
+                     f"({', '.join(known)})")
+
+
+_SHAPELESS_DECODER_SETTINGS = ("rms_norm_eps", "rope_theta", "tie_word_embeddings")
+
+
+def _check_decoder_config(entry: _HFDecoder, llm: LanguageModel, hf: dict, source: str) -> None:
+    """The checkpoint's family, and settings that no tensor shape reveals: a wrong one gives silently
+    wrong logits."""
+    model_type = hf.get("model_type")
+    if model_type is not None and model_type not in entry.model_types:
+        _raise_mismatches([f"model_type {model_type!r}: the model's decoder is {type(llm).__name__}"], source,
+                          "language model (llm)")
+    found = entry.read_config(hf, source)
     problems = [
-        f"{k}: checkpoint {getattr(found, k)} vs model {getattr(config, k)}"
-        for k in _SHAPELESS_LLAMA_SETTINGS if getattr(found, k) != getattr(config, k)
+        f"{k}: checkpoint {getattr(found, k)} vs model {getattr(llm.config, k)}"
+        for k in _SHAPELESS_DECODER_SETTINGS if getattr(found, k) != getattr(llm.config, k)
     ]
     _raise_mismatches(problems, source, "language model (llm / llm_overrides)")
 
@@ -246,21 +338,22 @@ def _high_res_copies(names: Iterable[str], state: StateDict) -> StateDict:
     }
 
 
-def _load_llama_state(llm: LanguageModel, state: StateDict, source: str, hf_config: dict) -> None:
+def _load_decoder_state(llm: LanguageModel, state: StateDict, source: str, hf_config: dict) -> None:
+    entry = _hf_decoder(llm, source)
     if hf_config:
-        _check_llama_config(llm.config, hf_config, source)
+        _check_decoder_config(entry, llm, hf_config, source)
     names = llm.state_dict()
     # the release saves W_K' / W_V' in every layer but uses them from N_SA on: the layers this model
     # keeps plain have no use for them
-    state = {k: v for k, v in llama_from_hf(state).items() if "_hr_proj." not in k or k in names}
+    state = {k: v for k, v in entry.rename(state).items() if "_hr_proj." not in k or k in names}
     if llm.config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: saved once
     load_state_dict_strict(llm, {**state, **_high_res_copies(names, state)}, source)
 
 
-def load_llama_weights(llm: LanguageModel, path: str | Path) -> None:
-    """A LLaMA / Vicuna / Qwen2 HF folder (`LlamaForCausalLM` names) or weights file into `llm`."""
-    _load_llama_state(llm, read_checkpoint(path), str(path), read_config(path))
+def load_llm_weights(llm: LanguageModel, path: str | Path) -> None:
+    """A transformers LLaMA / Vicuna / Qwen2 / Gemma folder (`save_pretrained`) or weights file into `llm`."""
+    _load_decoder_state(llm, read_checkpoint(path), str(path), read_config(path))
 
 
 def _feature_block(layer: int, depth: int) -> int:
@@ -380,7 +473,7 @@ def load_llava(model: FlexVLM, path: str | Path, vision: str | Path | None = Non
         _raise_mismatches([f"{layout.select_key} {select!r}: flexvlm feeds patch tokens only ({layout.patch_only!r})"],
                           source, "model")
     parts = _take(state, layout.prefixes, f"{source} ({layout.name})")
-    _load_llama_state(model.llm, parts["llm"], source, config.get("text_config", config))
+    _load_decoder_state(model.llm, parts["llm"], source, config.get("text_config", config))
     load_state_dict_strict(model.projector, parts["projector"], source)
     feature_layer = config.get(layout.feature_layer_key, -2)
     if vision is not None:
@@ -415,7 +508,8 @@ def load_run_weights(model: nn.Module, aux_objective: nn.Module | None, path: st
 class PretrainedWeights:
     """Which local weights a FlexVLM starts from; a config names it as `FlexVLM(pretrained=...)`.
 
-    `llava`: a LLaVA-1.5 folder (either layout); `llm`: a LLaMA / Vicuna folder instead of it;
+    `llava`: a LLaVA-1.5 folder (either layout); `llm`: a decoder folder instead of it (LLaMA / Vicuna,
+    Qwen2 or Gemma, as transformers' `save_pretrained` writes it, into a decoder of that family);
     `vision`: a CLIP folder or state dict file (needed with the original LLaVA layout);
     `projector`: a projector file (e.g. `mm_projector.bin`), loaded last.
     """
@@ -438,7 +532,7 @@ class PretrainedWeights:
             load_llava(model, self.llava, self.vision)
         else:
             if self.llm is not None:
-                load_llama_weights(model.llm, self.llm)
+                load_llm_weights(model.llm, self.llm)
             if self.vision is not None:
                 load_clip_vision(model.encoder.backbone, self.vision)
         if self.projector is not None:
@@ -584,11 +678,11 @@ def arguments_from_llava(
 ) -> dict[str, Any]:
     """FlexVLM's constructor arguments for a local LLaVA-1.5 folder, read from its config.json: the
     llava-hf layout, the original one, or the authors' released FlexAttention checkpoint (the
-    original plus `*_proj_hd` and an `extra` object). The decoder's sizes, vocabulary, RMSNorm eps,
-    RoPE theta and maximum length (llava-hf: `text_config`); the projector; the CLIP tower's shape,
-    activation and feature layer (llava-hf: `vision_config`; otherwise the config of `vision`, which
-    defaults to `mm_vision_tower` when that is a local folder), frozen as LLaVA-1.5 keeps it; the
-    weights (`pretrained`).
+    original plus `*_proj_hd` and an `extra` object). The decoder's family (`model_type`), sizes,
+    vocabulary, RMSNorm eps, RoPE theta and maximum length (llava-hf: `text_config`); the projector;
+    the CLIP tower's shape, activation and feature layer (llava-hf: `vision_config`; otherwise the
+    config of `vision`, which defaults to `mm_vision_tower` when that is a local folder), frozen as
+    LLaVA-1.5 keeps it; the weights (`pretrained`).
 
     With the release's `extra`: N_SA = 9 (what the release hard-codes), zoom `zoom_ratio`, and its
     selection, keeping whole blocks (`_release_selection`). Without, FlexVLM's defaults.
@@ -597,14 +691,13 @@ def arguments_from_llava(
     folder = Path(checkpoint)
     source = str(folder)
     config = _llava_config(folder)
-    llm = llama_config_from_hf(config.get("text_config", config), source)
+    family, llm = decoder_config_from_hf(config.get("text_config", config), source)
     tower, tower_config = _vision_tower(folder, config, vision)
     feature_key = "vision_feature_layer" if _is_llava_hf(config) else "mm_vision_select_layer"
     backbone = clip_backbone_from_hf(tower_config, config.get(feature_key, -2), tower or source)
     arguments = {
         "backbone": backbone,
-        "llm": "llama-2-7b",  # every field is overridden: the preset only names the family
-        "llm_overrides": {**asdict(llm), **overrides.pop("llm_overrides", {})},
+        "llm": family(replace(llm, **overrides.pop("llm_overrides", {}))),
         "projector": _llava_projector(config, source),
         "pretrained": PretrainedWeights(llava=source, vision=tower),
         **_release_arguments(config.get("extra") or {}, backbone.image_size, source),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -16,14 +15,19 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from test_data_tokenizer import llava_tokenizer_image_token
+from test_llm import SMALL, transformers_pair
+from test_llm import randomise as _randomise
 
 from flexvlm.checkpoints import (
-    PretrainedWeights, load_clip_vision, load_llama_weights, load_llava, load_projector, read_checkpoint,
+    PretrainedWeights, decoder_config_from_hf, load_clip_vision, load_llava, load_llm_weights, load_projector,
+    read_checkpoint,
 )
 from flexvlm.cli import main
 from flexvlm.constants import IMAGE_TOKEN_INDEX
 from flexvlm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
-from flexvlm.models.llm import LanguageModel, LlamaConfig
+from flexvlm.models.decoder import KVCache
+from flexvlm.models.llm import Llama, LlamaConfig
+from flexvlm.models.qwen2 import Qwen2
 from flexvlm.models.vision import OpenClipBackbone
 from flexvlm.models.vlm import FlexVLM
 
@@ -51,17 +55,6 @@ def _backbone(layer: int = -2, quick_gelu: bool = True, image: int = IMAGE) -> O
 def _vlm(mode: str = "lr_only", pretrained: PretrainedWeights | None = None) -> FlexVLM:
     return FlexVLM(_backbone(), llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=1, zoom=1,
                    pretrained=pretrained).eval()
-
-
-@torch.no_grad()
-def _randomise(model: torch.nn.Module) -> None:
-    """O(1) activations instead of HF's 0.02-std init, so that a wrong weight shows in the logits."""
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if p.ndim > 1:
-            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-        else:
-            p.copy_(("norm" in name and name.endswith("weight")) + 0.1 * torch.randn_like(p))
 
 
 def _save_bin_shards(state: dict, folder: Path, num_shards: int = 3) -> None:
@@ -114,11 +107,15 @@ def hf(tmp_path_factory):
 
     torch.manual_seed(1)
     image = torch.randn(1, 3, IMAGE, IMAGE)
-    at = PROMPT.index(IMAGE_TOKEN_INDEX)  # transformers wants the image token once per image patch token
+    return dict(root=root, llava=llava, llama=llama, image=image, logits=_llava_logits(llava, image))
+
+
+def _llava_logits(llava, image: torch.Tensor) -> torch.Tensor:
+    """transformers' LLaVA on PROMPT, which wants the image token once per image patch token."""
+    at = PROMPT.index(IMAGE_TOKEN_INDEX)
     hf_ids = PROMPT[:at] + [IMAGE_TOKEN] * (IMAGE // PATCH) ** 2 + PROMPT[at + 1:]
     with torch.no_grad():
-        logits = llava(input_ids=torch.tensor([hf_ids]), pixel_values=image).logits
-    return dict(root=root, llava=llava, llama=llama, image=image, logits=logits)
+        return llava(input_ids=torch.tensor([hf_ids]), pixel_values=image).logits
 
 
 def _logits(model: FlexVLM, image: torch.Tensor) -> torch.Tensor:
@@ -201,8 +198,8 @@ def test_released_flexattn_layout_loads_its_high_res_projections(hf, tmp_path):
 
 @pytest.mark.parametrize("folder", ["llama", "llama-bin"], ids=["safetensors", "bin-shards"])
 def test_llama_folder_logits_match_transformers(hf, folder):
-    llm = LanguageModel(LlamaConfig(**LLM)).eval()
-    load_llama_weights(llm, hf["root"] / folder)
+    llm = Llama(LlamaConfig(**LLM)).eval()
+    load_llm_weights(llm, hf["root"] / folder)
     ids = torch.randint(0, LLM["vocab_size"], (2, 9))
     with torch.no_grad():
         expected = hf["llama"](ids).logits
@@ -216,11 +213,73 @@ def test_tied_embeddings_saved_once(tmp_path):
     _randomise(reference)
     reference.save_pretrained(tmp_path)
     assert "lm_head.weight" not in read_checkpoint(tmp_path)
-    llm = LanguageModel(LlamaConfig(**LLM, tie_word_embeddings=True)).eval()
-    load_llama_weights(llm, tmp_path)
+    llm = Llama(LlamaConfig(**LLM, tie_word_embeddings=True)).eval()
+    load_llm_weights(llm, tmp_path)
     ids = torch.randint(0, LLM["vocab_size"], (1, 6))
     with torch.no_grad():
         assert (llm.logits(llm(llm.embed(ids))) - reference(ids).logits).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- other decoder families
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_family_folder_builds_and_loads_with_transformers_logits(family, tmp_path):
+    """A folder written by transformers' save_pretrained: the family and config read from its
+    config.json, the weights loaded, the logits transformers', with and without the KV cache."""
+    reference_decoder, ref = transformers_pair(family, tie=family == "gemma")
+    ref.save_pretrained(tmp_path)
+    family_class, config = decoder_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert family_class is type(reference_decoder) and config == reference_decoder.config
+    llm = family_class(config).eval()
+    load_llm_weights(llm, tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 7))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        whole = llm.logits(llm(llm.embed(ids)))
+        cache = KVCache()
+        steps = [llm.logits(llm(llm.embed(ids[:, :4]), cache=cache))]  # a prefill, then token by token
+        steps += [llm.logits(llm(llm.embed(ids[:, t : t + 1]), cache=cache)) for t in range(4, 7)]
+    assert (whole - expected).abs().max() < 1e-4
+    assert (torch.cat(steps, dim=1) - expected).abs().max() < 1e-4
+
+
+def test_llava_with_a_qwen2_decoder_from_its_config(hf, tmp_path):
+    """llava-hf's layout around Qwen2: `text_config.model_type` picks the family; the logits are
+    transformers'; in flex mode W_K', W_V' start as W_K, W_V, biases included."""
+    text = transformers.Qwen2Config(**HF_TEXT, use_sliding_window=False, rope_theta=5000.0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**HF_VISION), text_config=text, image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    llava = transformers.LlavaForConditionalGeneration(config).eval()
+    _randomise(llava)
+    llava.save_pretrained(tmp_path)
+    model = FlexVLM.from_pretrained(str(tmp_path), mode="lr_only", zoom=1).eval()
+    assert type(model.llm) is Qwen2 and model.config.attention_bias and model.config.rope_theta == 5000.0
+    assert (_logits(model, hf["image"]) - _llava_logits(llava, hf["image"])).abs().max() < 1e-4
+
+    flex = FlexVLM.from_pretrained(str(tmp_path), num_sa_layers=1, zoom=1)
+    reference = llava.model.language_model.layers
+    for i in flex.flex_layers:
+        attn = flex.llm.layers[i].self_attn
+        for which in "kv":
+            loaded = getattr(reference[i].self_attn, f"{which}_proj")
+            high_res = getattr(attn, f"{which}_hr_proj")
+            assert torch.equal(high_res.weight, loaded.weight) and torch.equal(high_res.bias, loaded.bias)
+
+
+def test_family_mismatches_are_refused(hf, tmp_path):
+    _, gemma = transformers_pair("gemma", tie=True)
+    gemma.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'gemma': the model's decoder is Llama"):
+        load_llm_weights(Llama(LlamaConfig(**LLM)), tmp_path)
+    qwen2 = transformers.Qwen2Config(**HF_TEXT).to_dict()
+    with pytest.raises(ValueError, match="use_sliding_window: the decoder implements full attention only"):
+        decoder_config_from_hf({**qwen2, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="model_type 'mamba' is no decoder family flexvlm implements"):
+        decoder_config_from_hf({"model_type": "mamba"})
+    assert decoder_config_from_hf({**qwen2, "use_sliding_window": False})[0] is Qwen2
 
 
 # ---------------------------------------------------------------- CLIP vision tower
@@ -281,24 +340,24 @@ def test_missing_and_mis_shaped_tensors_are_listed(hf, tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing \(1\):\s+model\.layers\.1\.mlp\.up_proj\.weight \(64, 32\)"):
-        load_llama_weights(LanguageModel(LlamaConfig(**LLM)), tmp_path)
-    narrow = LanguageModel(LlamaConfig(**{**LLM, "intermediate_size": 48}))
+        load_llm_weights(Llama(LlamaConfig(**LLM)), tmp_path)
+    narrow = Llama(LlamaConfig(**{**LLM, "intermediate_size": 48}))
     mis_shaped = r"model\.layers\.0\.mlp\.up_proj\.weight: checkpoint \(64, 32\) vs model \(48, 32\)"
     with pytest.raises(ValueError, match=mis_shaped):
-        load_llama_weights(narrow, hf["root"] / "llama")
+        load_llm_weights(narrow, hf["root"] / "llama")
 
 
 def test_missing_paths_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         PretrainedWeights(llava=str(tmp_path / "nowhere")).apply(_vlm())
     with pytest.raises(FileNotFoundError, match="no weights in"):
-        load_llama_weights(LanguageModel(LlamaConfig(**LLM)), tmp_path)
+        load_llm_weights(Llama(LlamaConfig(**LLM)), tmp_path)
 
 
 def test_config_mismatches_that_no_shape_shows(hf):
     root = hf["root"]
     with pytest.raises(ValueError, match=r"rms_norm_eps: checkpoint 1e-05 vs model 1e-06"):
-        load_llama_weights(LanguageModel(LlamaConfig(**{**LLM, "rms_norm_eps": 1e-6})), root / "llama")
+        load_llm_weights(Llama(LlamaConfig(**{**LLM, "rms_norm_eps": 1e-6})), root / "llama")
     with pytest.raises(ValueError, match="quick_gelu"):
         load_clip_vision(_backbone(quick_gelu=False), root / "clip")
     model = _vlm()
@@ -320,7 +379,7 @@ def test_layout_errors(hf, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         PretrainedWeights(llava=str(root / "llava-hf"), llm=str(root / "llama"))
     with pytest.raises(ValueError, match=r"unexpected \(4\):\s+model\.mm_projector"):
-        load_llama_weights(LanguageModel(LlamaConfig(**LLM)), root / "llava-original")
+        load_llm_weights(Llama(LlamaConfig(**LLM)), root / "llava-original")
     with pytest.raises(ValueError, match="missing"):
         load_projector(_vlm().projector, root / "llama" / "model.safetensors")
 

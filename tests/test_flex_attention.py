@@ -5,25 +5,31 @@ import math
 import pytest
 import torch
 
+from flexvlm.models.decoder import KVCache, apply_rope, build_attention_inputs
 from flexvlm.models.flex_attention import (
     FLEX_IMPLS, FlexAttention, HighResState, SelectingRows, Selection, flex_attention, interpolate_rope,
 )
-from flexvlm.models.llm import Attention, KVCache, LlamaConfig, apply_rope, build_attention_inputs
+from flexvlm.models.gemma import GemmaConfig
+from flexvlm.models.llm import Attention, LlamaConfig
+from flexvlm.models.qwen2 import Qwen2Config
 from flexvlm.selection import AllSelection, SelectionStrategy
 
-CONFIG = LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+SIZES = dict(vocab_size=10, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+CONFIG = LlamaConfig(**SIZES)
+# every family's attention: LLaMA's, Qwen2's q/k/v bias (W_K', W_V' copy it), Gemma's own head size
+FAMILY_CONFIGS = {"llama": CONFIG, "qwen2": Qwen2Config(**SIZES), "gemma": GemmaConfig(**SIZES, head_size=12)}
 G_LR, G_HR = 2, 4  # low-res 2 x 2, high-res 4 x 4 = 16 HR tokens
 
 
-def _layer(seed=0):
+def _layer(seed=0, config=CONFIG):
     torch.manual_seed(seed)
-    plain = Attention(CONFIG, layer_idx=1)
-    flex = FlexAttention.from_attention(plain, CONFIG)
+    plain = Attention(config, layer_idx=1)
+    flex = FlexAttention(plain)
     return plain.eval(), flex.eval()
 
 
-def _rope(positions):
-    inv = 1.0 / (10000 ** (torch.arange(0, CONFIG.head_dim, 2).float() / CONFIG.head_dim))
+def _rope(positions, head_dim=CONFIG.head_dim):
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = positions.float()[..., None] * inv
     emb = torch.cat((freqs, freqs), -1)
     return emb.cos(), emb.sin()
@@ -50,8 +56,8 @@ def _state(b, features, hr_cos, hr_sin, mask, alpha=1.0, kv_mode="lazy"):
 def naive_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha):
     """Per (sample, row) loops: softmax over [causal sequence keys ; selected HR keys], blended."""
     b, n, _ = x.shape
-    h, hk, d = CONFIG.num_heads, CONFIG.kv_heads, CONFIG.head_dim
-    cos, sin = _rope(torch.arange(n).expand(b, n))
+    h, hk, d = layer.attention.num_heads, layer.attention.num_kv_heads, layer.attention.head_dim
+    cos, sin = _rope(torch.arange(n).expand(b, n), d)
     q = apply_rope(layer.q_proj(x).view(b, n, h, d).transpose(1, 2), cos, sin)
     k = apply_rope(layer.k_proj(x).view(b, n, hk, d).transpose(1, 2), cos, sin)
     v = layer.v_proj(x).view(b, n, hk, d).transpose(1, 2)
@@ -92,7 +98,7 @@ def _run_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha, row_mas
     """flex_attention over the whole chunk (the fused path for several rows). -> (out, rows, probs)."""
     b, n, _ = x.shape
     row_mask = sel.any(-1) if row_mask is None else row_mask
-    inputs = build_attention_inputs(*_rope(torch.arange(n).expand(b, n)), 0, key_valid)
+    inputs = build_attention_inputs(*_rope(torch.arange(n).expand(b, n), layer.attention.head_dim), 0, key_valid)
     rows = SelectingRows.from_mask(row_mask, inputs)
     row_sel = torch.stack([sel[i, rows.rows[i]] for i in range(b)]) & rows.valid[..., None]
     state = _state(b, features, hr_cos, hr_sin, row_sel, alpha, kv_mode)
@@ -106,22 +112,24 @@ def _check_maps(rows, probs, plain_maps):
     for bi in range(rows.rows.shape[0]):
         for ri in range(rows.rows.shape[1]):
             if rows.valid[bi, ri]:
-                for hh in range(CONFIG.num_heads):
+                for hh in range(probs.shape[1]):
                     ref = plain_maps[(bi, int(rows.rows[bi, ri]), hh)]
                     assert torch.allclose(probs[bi, hh, ri], ref, atol=1e-6)
 
 
-def _reference_case(alpha):
-    _, flex = _layer()
+def _reference_case(alpha, config=CONFIG):
+    _, flex = _layer(config=config)
     torch.manual_seed(1)
     b, n, m = 3, 7, G_HR * G_HR
-    x = torch.randn(b, n, CONFIG.hidden_size)
-    features = torch.randn(b, m, CONFIG.hidden_size)
-    hr_cos, hr_sin = _rope(torch.rand(b, m) * n)
+    x = torch.randn(b, n, config.hidden_size)
+    features = torch.randn(b, m, config.hidden_size)
+    hr_cos, hr_sin = _rope(torch.rand(b, m) * n, config.head_dim)
     key_valid = torch.ones(b, n, dtype=torch.bool)
     key_valid[2, :2] = False  # the third sample is left-padded
     with torch.no_grad():  # W_K' != W_K, so the HR projections really are separate
         flex.k_hr_proj.weight.add_(0.5 * torch.randn_like(flex.k_hr_proj.weight))
+        if config.attention_bias:  # and so are their biases
+            flex.v_hr_proj.bias.add_(0.5 * torch.randn_like(flex.v_hr_proj.bias))
     sel = torch.zeros(b, n, m, dtype=torch.bool)
     sel[0, 6, [1, 2, 5]] = True  # different counts per row and sample
     sel[0, 4, 0:9] = True
@@ -133,24 +141,28 @@ def _reference_case(alpha):
     return flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps
 
 
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
 @pytest.mark.parametrize("impl", ["fused", "release"])
 @pytest.mark.parametrize("grad", [False, True])  # no grad: K/V from the inference buffers
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_matches_naive_reference_batched_with_padding(alpha, grad, impl):
-    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps = _reference_case(alpha)
+def test_matches_naive_reference_batched_with_padding(alpha, grad, impl, family):
+    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps = _reference_case(
+        alpha, FAMILY_CONFIGS[family])
     with torch.set_grad_enabled(grad):
         got, rows, probs = _run_flex(flex, x, key_valid, features, hr_cos, hr_sin, sel, alpha, impl=impl)
     assert (got - expected).abs().max() < 1e-5
     _check_maps(rows, probs, plain_maps)
 
 
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
 @pytest.mark.parametrize("kv_mode", ["lazy", "prefill"])
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_decoding_step_matches_naive_reference(alpha, kv_mode):
+def test_decoding_step_matches_naive_reference(alpha, kv_mode, family):
     """The last row computed alone after a KV cache of the others (the eager single-row path)."""
-    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps = _reference_case(alpha)
+    config = FAMILY_CONFIGS[family]
+    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps = _reference_case(alpha, config)
     b, n, _ = x.shape
-    cos, sin = _rope(torch.arange(n).expand(b, n))
+    cos, sin = _rope(torch.arange(n).expand(b, n), config.head_dim)
     cache = KVCache()
     with torch.no_grad():
         flex(x[:, :-1], build_attention_inputs(cos[:, :-1], sin[:, :-1], 0, key_valid[:, :-1]), cache)
@@ -161,7 +173,7 @@ def test_decoding_step_matches_naive_reference(alpha, kv_mode):
         got, probs = flex_attention(flex, x[:, -1:], inputs, cache, rows, selection, state, need_map=True)
     assert (got[:, 0] - expected[:, -1]).abs().max() < 1e-5
     for bi in range(b):
-        for hh in range(CONFIG.num_heads):
+        for hh in range(config.num_heads):
             assert torch.allclose(probs[bi, hh, 0], plain_maps[(bi, n - 1, hh)], atol=1e-6)
 
 
@@ -201,6 +213,32 @@ def test_everything_selected_equals_attention_over_concatenated_keys():
     with torch.no_grad():
         full = plain(seq, inputs)
     assert (got[:, -1] - full[:, -1]).abs().max() < 1e-5
+
+
+def test_wraps_the_family_attention_under_its_names():
+    """The family's projections keep their names (one state dict fits a plain and a FlexAttention layer)
+    and are the wrapped attention's own modules, also when one is replaced; W_K', W_V' start as copies
+    of W_K, W_V, bias included; train / eval reach the wrapped attention; on the meta device nothing is
+    copied."""
+    plain = Attention(FAMILY_CONFIGS["qwen2"], layer_idx=1)
+    flex = FlexAttention(plain)
+    projections = [f"{p}_proj.{t}" for p in "qkv" for t in ("weight", "bias")] + ["o_proj.weight"]
+    high_res = [f"{p}_hr_proj.{t}" for p in "kv" for t in ("weight", "bias")]
+    assert [name for name, _ in flex.named_parameters()] == projections + high_res
+    assert flex.q_proj is plain.q_proj and flex.attention is plain
+    for which in "kv":
+        source, copied = getattr(plain, f"{which}_proj"), getattr(flex, f"{which}_hr_proj")
+        assert torch.equal(copied.weight, source.weight) and torch.equal(copied.bias, source.bias)
+        assert copied.weight.data_ptr() != source.weight.data_ptr()  # a copy, trained apart
+    flex.eval()
+    assert not plain.training
+    flex.train()
+    assert plain.training
+    flex.q_proj = torch.nn.Linear(32, 4 * 8)  # e.g. a LoRA wrapper put in by name
+    assert plain.q_proj is flex.q_proj
+    with torch.device("meta"):
+        on_meta = FlexAttention(Attention(FAMILY_CONFIGS["gemma"], layer_idx=0))
+    assert all(p.is_meta for p in on_meta.parameters()) and on_meta.k_hr_proj.weight.shape == (2 * 12, 32)
 
 
 def test_interpolated_rope_keeps_corners_and_shape():

@@ -1,22 +1,34 @@
-"""The assembled VLM in its four modes."""
+"""The assembled VLM in its four modes, on every decoder family."""
 
 import pytest
 import torch
 
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.flex_attention import FlexAttention
+from flexvlm.models.gemma import Gemma, GemmaConfig
+from flexvlm.models.llm import Llama, LlamaConfig
+from flexvlm.models.qwen2 import Qwen2, Qwen2Config
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.selection import AllSelection, AttentionSelection
 
 LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4)
+# a decoder object of each family, as a YAML's class_path builds it: Qwen2's q/k/v bias (which W_K',
+# W_V' copy), Gemma's own head size, scaled embeddings and tied lm_head
+DECODERS = {
+    "llama": lambda: Llama(LlamaConfig(**LLM)),
+    "qwen2": lambda: Qwen2(Qwen2Config(**LLM, num_kv_heads=2)),
+    "gemma": lambda: Gemma(GemmaConfig(**LLM, num_kv_heads=1, head_size=12)),
+}
 
 
-def _model(mode, **kwargs):
+def _model(mode, family=None, **kwargs):
+    """The tiny preset with LLM's sizes, or a decoder object of ``family``."""
     torch.manual_seed(0)
     backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
     kwargs.setdefault("num_sa_layers", 1 if mode != "xattn" else 0)
-    return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, **kwargs)
+    decoder = dict(llm="tiny", llm_overrides=LLM) if family is None else dict(llm=DECODERS[family]())
+    return FlexVLM(backbone, mode=mode, **{**decoder, **kwargs})
 
 
 def _batch(b=2):
@@ -54,18 +66,20 @@ def test_splice_places_image_tokens_and_masks_labels():
         model.prepare(torch.tensor([[5, 6]]), torch.ones(1, 2), batch["images"][:1])
 
 
-def test_gradients_reach_every_trainable_parameter_in_flex_mode():
-    model = _model("flex", high_res_grad=True)
+@pytest.mark.parametrize("family", DECODERS)
+def test_gradients_reach_every_trainable_parameter_in_flex_mode(family):
+    model = _model("flex", family, high_res_grad=True)
     model(**_batch()).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, missing
 
 
-def test_flex_with_all_selected_equals_xattn_for_the_last_row():
+@pytest.mark.parametrize("family", DECODERS)
+def test_flex_with_all_selected_equals_xattn_for_the_last_row(family):
     """With one FA layer, xattn (every row sees every HR token) and flex with every HR token selected
     by the last row give the same last-row logits: two code paths, one formula."""
-    xattn = _model("xattn", num_sa_layers=2)
-    flex = _model("flex", num_sa_layers=2, selection=AllSelection())
+    xattn = _model("xattn", family, num_sa_layers=2)
+    flex = _model("flex", family, num_sa_layers=2, selection=AllSelection())
     flex.load_state_dict(xattn.state_dict())
     batch = _batch()
     del batch["labels"]
@@ -94,6 +108,37 @@ def test_mode_and_placement_errors():
         _model("flexi")
     with pytest.raises(ValueError, match="num_sa_layers"):
         _model("flex", num_sa_layers=0)
+    with pytest.raises(ValueError, match="valid presets"):
+        _model("flex", llm="vicuna-9000")
+    with pytest.raises(ValueError, match="llm_overrides changes a preset"):
+        _model("flex", "qwen2", llm_overrides={"num_layers": 2})
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_built_on_the_meta_device_then_materialised(family):
+    """No tensor has memory until materialised as Lightning's FSDP strategy does it (``to_empty``, then
+    each module's ``reset_parameters``); ``load_weights`` then ties the embeddings again and starts
+    W_K', W_V' as W_K, W_V, as construction on a real device does."""
+    with torch.device("meta"):
+        model = _model("flex", family, high_res_grad=True)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            module.reset_parameters()
+    model.load_weights()
+    reference = _model("flex", family)  # what a real device builds
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, reference.get_buffer(name)), name
+    llm = model.llm
+    assert (llm.lm_head.weight is llm.model.embed_tokens.weight) == (family == "gemma")
+    for i in model.flex_layers:
+        attn = llm.layers[i].self_attn
+        for which in "kv":
+            assert torch.equal(getattr(attn, f"{which}_hr_proj").weight, getattr(attn, f"{which}_proj").weight)
+    out = model(**_batch())
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_high_res_projections_start_as_copies():

@@ -25,14 +25,15 @@ The plain (sequence-only) softmax of the selecting rows is handed back to the de
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexvlm.models.llm import (
-    Attention, AttentionInputs, DecoderLayer, KVCache, LlamaConfig, apply_rope, causal_key_mask, gather_rows,
+from flexvlm.models.decoder import (
+    AttentionInputs, DecoderAttention, DecoderLayer, KVCache, causal_key_mask, gather_rows,
 )
 from flexvlm.selection.base import SelectionContext, SelectionStrategy
 
@@ -238,34 +239,36 @@ class HighResState:
             else:
                 k, v = attn.project_high_res(*(_gather_tokens(t, tokens) for t in (self.features, self.cos, self.sin)))
             return HighResKV(k, v, selection)
+        layer = attn.attention.layer_idx
         if tokens is None:  # every token (cross-attention), kept in the layout attention reads
-            if attn.layer_idx not in self._every:
-                self._every[attn.layer_idx] = attn.project_high_res(self.features, self.cos, self.sin)
-            return HighResKV(*self._every[attn.layer_idx], selection)
-        last = self._last.get(attn.layer_idx)
+            if layer not in self._every:
+                self._every[layer] = attn.project_high_res(self.features, self.cos, self.sin)
+            return HighResKV(*self._every[layer], selection)
+        last = self._last.get(layer)
         # a selection that stays put is gathered once (padded entries too: a token that turns valid
         # must have been projected, hence valid is compared as well)
         if last is None or not (torch.equal(last[0], tokens) and torch.equal(last[1], selection.valid)):
             k_buf, v_buf = self._buffers(attn, tokens, selection.valid)
             k, v = (_gather_tokens(buf, tokens).transpose(1, 2).contiguous() for buf in (k_buf, v_buf))
             last = (tokens, selection.valid, k, v)
-            self._last[attn.layer_idx] = last
+            self._last[layer] = last
         return HighResKV(last[2], last[3], selection)
 
     @torch.no_grad()
     def _buffers(self, attn: "FlexAttention", tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """(B, M, kv_heads, d) K and V buffers of the layer with at least the valid ``tokens`` (B, K)
         projected; each (layer, token) pair is projected at most once per state."""
-        if attn.layer_idx not in self._kv:
+        layer = attn.attention.layer_idx
+        if layer not in self._kv:
             b, m, _ = self.features.shape
             if self.kv_mode == "prefill":
                 k, v = (t.transpose(1, 2).contiguous() for t in attn.project_high_res(self.features, self.cos, self.sin))
-                self._kv[attn.layer_idx] = (k, v, self.features.new_ones(b, m, dtype=torch.bool))
+                self._kv[layer] = (k, v, self.features.new_ones(b, m, dtype=torch.bool))
                 return k, v
-            shape = (b, m, attn.num_kv_heads, attn.head_dim)
-            self._kv[attn.layer_idx] = (self.features.new_zeros(shape), self.features.new_zeros(shape),
-                                        self.features.new_zeros(b, m, dtype=torch.bool))
-        k_buf, v_buf, done = self._kv[attn.layer_idx]
+            shape = (b, m, attn.attention.num_kv_heads, attn.attention.head_dim)
+            self._kv[layer] = (self.features.new_zeros(shape), self.features.new_zeros(shape),
+                               self.features.new_zeros(b, m, dtype=torch.bool))
+        k_buf, v_buf, done = self._kv[layer]
         todo = valid & ~done.gather(1, tokens)
         if todo.any():
             bi, ki = todo.nonzero(as_tuple=True)
@@ -291,38 +294,48 @@ def _gather_tokens(x: Tensor, tokens: Tensor) -> Tensor:
     return x.flatten(0, 1).index_select(0, flat.flatten()).view(b, tokens.shape[1], *x.shape[2:])
 
 
-class FlexAttention(Attention):
-    """A decoder attention layer with the HR projections W_K', W_V'. Called as a module it is plain
-    self-attention; ``flex_attention`` / ``cross_attention`` add the HR keys."""
+class FlexAttention(nn.Module):
+    """A decoder layer's attention (any family's ``DecoderAttention``, ``attention``) with the HR
+    projections W_K', W_V'. Called as a module it is that attention; ``flex_attention`` /
+    ``cross_attention`` add the HR keys.
 
-    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        kv_dim = config.kv_heads * config.head_dim
-        self.k_hr_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.attention_bias)
-        self.v_hr_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.attention_bias)
+    It wraps the family's attention rather than subclassing one. Both hold one registry of child
+    modules: parameter names stay the family's (``self_attn.k_proj.weight`` beside
+    ``self_attn.k_hr_proj.weight``), so one checkpoint fits plain and FlexAttention layers, and a
+    child replaced on this module (a LoRA or quantised layer) is the one the family's methods use.
+    The attention itself is held unregistered, for its methods."""
 
-    @classmethod
-    def from_attention(cls, attn: Attention, config: LlamaConfig) -> "FlexAttention":
-        """Upgrade a plain attention layer in place of its weights; W_K', W_V' start as W_K, W_V."""
-        flex = cls(config, attn.layer_idx).to(attn.q_proj.weight)
-        flex.load_state_dict(attn.state_dict(), strict=False)
-        flex.init_high_res_projections()
-        return flex
+    def __init__(self, attention: DecoderAttention) -> None:
+        super().__init__()
+        if [*attention.parameters(recurse=False), *attention.buffers(recurse=False)]:
+            raise TypeError(f"{type(attention).__name__} holds tensors of its own; FlexAttention needs every "
+                            f"parameter and buffer of a DecoderAttention in its child modules")
+        self._modules = attention._modules  # the one registry (see above)
+        object.__setattr__(self, "attention", attention)  # not registered: its modules are already ours
+        # W_K', W_V' start as W_K, W_V (the paper's initialisation); on the meta device a copy costs nothing
+        self.k_hr_proj = copy.deepcopy(attention.k_proj)
+        self.v_hr_proj = copy.deepcopy(attention.v_proj)
+
+    def train(self, mode: bool = True) -> FlexAttention:
+        self.attention.train(mode)  # the unregistered attention's own flag follows
+        return super().train(mode)
 
     @torch.no_grad()
     def init_high_res_projections(self) -> None:
-        """W_K' <- W_K, W_V' <- W_V (the paper's initialisation; call again after loading weights)."""
-        self.k_hr_proj.load_state_dict(self.k_proj.state_dict())
-        self.v_hr_proj.load_state_dict(self.v_proj.state_dict())
+        """W_K' <- W_K, W_V' <- W_V (again, e.g. once a model built on the meta device has memory)."""
+        self.k_hr_proj.load_state_dict(self.attention.k_proj.state_dict())
+        self.v_hr_proj.load_state_dict(self.attention.v_proj.state_dict())
 
     def project_high_res(self, features: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """HR features (..., n, D) with their RoPE (..., n, d) -> keys with RoPE and values without
         (as the release): (B, kv_heads, n, d) for batched input, (n, kv_heads, d) for a flat list."""
-        k = self._heads(self.k_hr_proj(features), self.num_kv_heads)
-        v = self._heads(self.v_hr_proj(features), self.num_kv_heads)
-        if features.ndim == 2:  # a flat list of tokens: rotate as one sample, return token-major
-            return apply_rope(k.unsqueeze(0), cos[None], sin[None])[0].transpose(0, 1), v.transpose(0, 1)
-        return apply_rope(k, cos, sin), v
+        k, v = self.attention.keys_values(features, cos, sin, self.k_hr_proj, self.v_hr_proj)
+        if features.ndim == 2:  # a flat list of tokens, returned token-major
+            return k.transpose(0, 1), v.transpose(0, 1)
+        return k, v
+
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> Tensor:
+        return self.attention(x, inputs, cache)
 
 
 def flex_layer(
@@ -332,8 +345,8 @@ def flex_layer(
     """A decoder layer in flex mode, its attention computed by ``FLEX_IMPLS[impl]``.
     -> (hidden states, the rows' map or None)."""
     attention = FLEX_IMPLS[impl]
-    out, probs = attention(layer.self_attn, layer.input_layernorm(x), inputs, cache, rows, selection, state, need_map)
-    return layer.feed_forward(x + out), probs
+    out, probs = attention(layer.self_attn, layer.attention_input(x), inputs, cache, rows, selection, state, need_map)
+    return layer.after_attention(x, out), probs
 
 
 def cross_attention_layer(
@@ -341,21 +354,28 @@ def cross_attention_layer(
     state: HighResState,
 ) -> Tensor:
     """A decoder layer of the cross-attention baseline (see ``cross_attention``)."""
-    return layer.feed_forward(x + cross_attention(layer.self_attn, layer.input_layernorm(x), inputs, cache, rows,
-                                                  state))
+    return layer.after_attention(x, cross_attention(layer.self_attn, layer.attention_input(x), inputs, cache, rows,
+                                                    state))
+
+
+def _family_attention(layer_attn: DecoderAttention | FlexAttention) -> DecoderAttention:
+    """The family's attention of a FlexAttention layer, or of the plain layer whose map seeds the
+    first selection."""
+    return layer_attn.attention if isinstance(layer_attn, FlexAttention) else layer_attn
 
 
 def flex_attention(
-    attn: Attention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
-    selection: Selection | None, state: HighResState, need_map: bool,
+    layer_attn: DecoderAttention | FlexAttention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None,
+    rows: SelectingRows, selection: Selection | None, state: HighResState, need_map: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Self-attention in which the selecting ``rows`` also attend to their ``selection`` of HR tokens
     (None: plain self-attention, as in the layer whose map seeds the first selection).
     -> (output (B, N, D), the rows' plain softmax over the sequence keys (B, heads, R, keys) when
     ``need_map``, else None)."""
+    attn = _family_attention(layer_attn)
     q, k, v = attn.qkv(x, inputs, cache)
     visible = rows.visible
-    high_res = state.high_res_kv(attn, selection) if selection is not None else None
+    high_res = state.high_res_kv(layer_attn, selection) if selection is not None else None
     if q.shape[2] == 1:
         out, probs = _single_row(attn, q, k, v, visible, high_res, state.alpha)
         return attn.output(out), probs if need_map else None
@@ -374,24 +394,25 @@ def mapped_layer(
     over the sequence keys, (B, heads, R, keys): where a model without HR attention looks, in the
     layers whose maps would select in flex mode (an objective on them, e.g. grounding in lr_only)."""
     attn = layer.self_attn
-    q, k, v = attn.qkv(layer.input_layernorm(x), inputs, None)
+    q, k, v = attn.qkv(layer.attention_input(x), inputs, None)
     out = attn.output(attn.sequence_attention(q, k, v, inputs))
-    return layer.feed_forward(x + out), _row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad)
+    return layer.after_attention(x, out), _row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad)
 
 
-def _row_probs(attn: Attention, q_rows: Tensor, k: Tensor, visible: Tensor, map_grad: bool) -> Tensor:
+def _row_probs(attn: DecoderAttention, q_rows: Tensor, k: Tensor, visible: Tensor, map_grad: bool) -> Tensor:
     """The rows' plain softmax over the keys they see; with its gradient only when ``map_grad``."""
     with torch.set_grad_enabled(map_grad and torch.is_grad_enabled()):
         return attn.row_scores(q_rows, k).masked_fill(~visible, float("-inf")).softmax(-1)
 
 
 def release_flex_attention(
-    attn: Attention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
-    selection: Selection | None, state: HighResState, need_map: bool,
+    layer_attn: DecoderAttention | FlexAttention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None,
+    rows: SelectingRows, selection: Selection | None, state: HighResState, need_map: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """``flex_attention`` computed as the authors' training does: every row scores every HR key
     through an additive mask and the whole (N, N + M) attention map is materialised. The same
     result at a higher cost; kept as the baseline the benchmarks compare against."""
+    attn = _family_attention(layer_attn)
     q, k, v = attn.qkv(x, inputs, cache)
     b, _, n, _ = q.shape
     all_rows = torch.arange(n, device=q.device).expand(b, n)
@@ -400,7 +421,7 @@ def release_flex_attention(
     plain = scores.softmax(-1)
     out = attn.row_values(plain, v)
     if selection is not None:
-        every = state.high_res_kv(attn, state.all_tokens())
+        every = state.high_res_kv(layer_attn, state.all_tokens())
         m = every.k.shape[2]
         bi, ri = rows.valid.nonzero(as_tuple=True)
         row_sees = selection.rows_see(rows.rows.shape[1])  # (B, R, tokens of the selection)
@@ -417,14 +438,15 @@ def release_flex_attention(
 
 
 def cross_attention(
-    attn: Attention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    flex: FlexAttention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
     state: HighResState,
 ) -> Tensor:
     """Self-attention in which every row (``rows``: all of them) also attends to every HR token
     (the XAttn baseline)."""
+    attn = flex.attention
     q, k, v = attn.qkv(x, inputs, cache)
     n = q.shape[2]
-    high_res = state.high_res_kv(attn, state.all_tokens())
+    high_res = state.high_res_kv(flex, state.all_tokens())
     if n == 1:
         return attn.output(_single_row(attn, q, k, v, rows.visible, high_res, alpha=1.0)[0])
     return attn.output(_attend(attn, q, k, v, rows.visible, high_res))
@@ -433,17 +455,16 @@ def cross_attention(
 FLEX_IMPLS = {"fused": flex_attention, "release": release_flex_attention}
 
 
-def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, high_res: HighResKV) -> Tensor:
+def _attend(
+    attn: DecoderAttention, q: Tensor, k: Tensor, v: Tensor, visible: Tensor, high_res: HighResKV
+) -> Tensor:
     """Query rows (B, heads, R, d) over [their visible sequence keys ; the HR keys they see], fused."""
-    return F.scaled_dot_product_attention(
-        q, torch.cat((k, high_res.k), dim=2), torch.cat((v, high_res.v), dim=2),
-        attn_mask=torch.cat((visible, high_res.selection.rows_see(q.shape[2]).unsqueeze(1)), dim=-1),
-        enable_gqa=attn.num_heads != attn.num_kv_heads,
-    )
+    mask = torch.cat((visible, high_res.selection.rows_see(q.shape[2]).unsqueeze(1)), dim=-1)
+    return attn.attend(q, torch.cat((k, high_res.k), dim=2), torch.cat((v, high_res.v), dim=2), mask)
 
 
 def _single_row(
-    attn: Attention, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, high_res: HighResKV | None,
+    attn: DecoderAttention, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, high_res: HighResKV | None,
     alpha: float,
 ) -> tuple[Tensor, Tensor]:
     """One query row per sample (a decoding step), eagerly: its scores over the sequence give both

@@ -196,8 +196,11 @@ class OpenClipBackbone(VisionBackbone):
         model_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        # pretrained_text=False: the text tower is dropped, never fetch weights for it
-        model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, **(model_kwargs or {}))
+        # pretrained_text=False: the text tower is dropped, never fetch weights for it; built on the
+        # default device (the meta device under `with torch.device("meta")`), where open_clip moves it
+        # unless told otherwise
+        kwargs = {"device": torch.get_default_device(), **(model_kwargs or {})}
+        model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, **kwargs)
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
             raise TypeError(f"{model_name} has a {type(visual).__name__} vision tower; use TimmBackbone for it")
@@ -263,13 +266,20 @@ class PatchMLPBackbone(VisionBackbone):
         self.image_size, self.patch_size, self.embed_dim = image_size, patch_size, embed_dim
         self.mean, self.std = tuple(mean), tuple(std)
         self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.grid_size**2, embed_dim))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.grid_size**2, embed_dim))
+        self.reset_parameters()  # drawn between the layers, where a seed has always drawn it
         self.blocks = nn.Sequential(*(_ResidualMLP(embed_dim, hidden_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(embed_dim)
         if checkpoint_path is not None:
             load_state_dict_strict(self, read_state_dict(checkpoint_path), str(checkpoint_path))
         if frozen:
             self.freeze()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The position embeddings, this module's own tensor (its layers reset theirs), e.g. once a
+        model built on the meta device has memory."""
+        self.pos_embed.copy_(0.02 * torch.randn(self.pos_embed.shape, device=self.pos_embed.device))
 
     def _patch_tokens(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images)

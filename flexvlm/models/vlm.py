@@ -1,4 +1,4 @@
-"""The VLM: dual-path vision encoder + projector + LLaMA-family decoder, in one of four modes.
+"""The VLM: dual-path vision encoder + projector + decoder (any family), in one of four modes.
 
 | mode      | what reaches the decoder                                               | paper name      |
 |-----------|------------------------------------------------------------------------|-----------------|
@@ -19,12 +19,13 @@ from torch import Tensor, nn
 
 from flexvlm.checkpoints import PretrainedWeights, arguments_from_llava
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from flexvlm.models.decoder import KVCache, LanguageModel
 from flexvlm.models.encoder import DualPathEncoder
+from flexvlm.models.families import preset
 from flexvlm.models.flex_attention import (
     FLEX_IMPLS, FlexAttention, HighResState, Selection, SelectingRows, cross_attention_layer, flex_layer,
     interpolate_rope, low_res_map, mapped_layer,
 )
-from flexvlm.models.llm import KVCache, LanguageModel, LlamaConfig
 from flexvlm.models.projector import build_projector
 from flexvlm.models.vision import VisionBackbone
 from flexvlm.selection import SelectionStrategy, build_selection, valid_grid
@@ -65,7 +66,7 @@ class FlexVLM(nn.Module):
     def __init__(
         self,
         backbone: VisionBackbone,
-        llm: str = "tiny",
+        llm: str | LanguageModel = "tiny",
         llm_overrides: dict | None = None,
         mode: str = "flex",
         num_sa_layers: int | None = None,
@@ -78,12 +79,15 @@ class FlexVLM(nn.Module):
         pretrained: PretrainedWeights | None = None,
         flex_impl: str = "fused",
     ) -> None:
-        """``llm`` names a preset of ``LlamaConfig`` and ``llm_overrides`` changes its fields.
+        """``llm``: the decoder, any family's ``LanguageModel`` (in a YAML by ``class_path`` and
+        ``init_args``, as the backbone), or the name of a preset (``flexvlm.models.families``), whose
+        fields ``llm_overrides`` changes.
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
         (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends).
         ``gradient_checkpointing`` recomputes decoder layers in the backward pass to save memory.
         ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' that they lack
-        start as the loaded W_K, W_V).
+        start as the loaded W_K, W_V); a model built on the meta device loads them in ``load_weights``,
+        once its tensors are materialised.
         ``flex_impl``: ``fused`` (only the selecting rows and their selected tokens cost extra) or
         ``release`` (every row scores every HR key through a mask, as the authors' training; the same
         result, kept as a baseline for the benchmarks)."""
@@ -93,10 +97,16 @@ class FlexVLM(nn.Module):
         if flex_impl not in FLEX_IMPLS:
             raise ValueError(f"unknown flex_impl {flex_impl!r}; valid: {list(FLEX_IMPLS)}")
         self.mode, self.flex_impl = mode, flex_impl
-        self.config = LlamaConfig.from_name(llm, **(llm_overrides or {}))
+        if isinstance(llm, str):
+            family, self.config = preset(llm, **(llm_overrides or {}))
+        elif llm_overrides:
+            raise ValueError("llm_overrides changes a preset's fields; a decoder object has its own config")
+        else:
+            family, self.config = None, llm.config
         self.encoder = DualPathEncoder(backbone, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad)
         self.projector = build_projector(projector, backbone.embed_dim, self.config.hidden_size)
-        self.llm = LanguageModel(self.config)
+        # a preset's decoder is built after the projector, so that a seed keeps giving the same weights
+        self.llm = llm if family is None else family(self.config)
         self.llm.gradient_checkpointing = gradient_checkpointing
         num_layers = self.config.num_layers
         if num_sa_layers is None:
@@ -108,8 +118,9 @@ class FlexVLM(nn.Module):
         self.selection = build_selection(selection) if mode == "flex" else None
         if self.uses_high_res_attention:
             for layer in self.llm.layers[num_sa_layers:]:
-                layer.self_attn = FlexAttention.from_attention(layer.self_attn, self.config)
-        if pretrained is not None:
+                layer.self_attn = FlexAttention(layer.self_attn)
+        self.pretrained = pretrained
+        if pretrained is not None and not any(p.is_meta for p in self.parameters()):
             pretrained.apply(self)
 
     @classmethod
@@ -121,6 +132,18 @@ class FlexVLM(nn.Module):
         implies (``mode``, ``num_sa_layers``, ``selection``...). See
         ``flexvlm.checkpoints.arguments_from_llava``."""
         return cls(**arguments_from_llava(checkpoint, vision, **overrides))
+
+    def load_weights(self) -> None:
+        """What construction on a real device gives, for a model built on the meta device once its
+        tensors are real (``to_empty`` and each module's ``reset_parameters``, as Lightning's FSDP
+        strategy materialises it): tied embeddings tied again, then the ``pretrained`` weights (W_K',
+        W_V' that they lack start as their W_K, W_V), or without them W_K', W_V' as copies of W_K, W_V."""
+        self.llm.tie_weights()
+        if self.pretrained is not None:
+            self.pretrained.apply(self)
+            return
+        for i in self.flex_layers:
+            self.llm.layers[i].self_attn.init_high_res_projections()
 
     @property
     def uses_high_res_attention(self) -> bool:
@@ -231,7 +254,7 @@ class FlexVLM(nn.Module):
                                             need_map, self.flex_impl)
                 # selected outside the checkpointed layer, so that a recomputed layer sees the same tokens
                 selection = state.select(i + 1, probs) if need_map else None
-        return llm.model.norm(x)
+        return llm.final_norm(x)
 
     def decode_with_maps(self, inputs: MultimodalInputs, row_mask: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         """The decoder loop of a model without HR attention (``lr_only``), teacher-forced, that also
@@ -250,7 +273,7 @@ class FlexVLM(nn.Module):
                 maps[i + 1] = low_res_map(probs, lr_index, g)
             else:
                 x = llm.checkpointed(layer, x, attn_inputs, None)
-        return llm.model.norm(x), maps
+        return llm.final_norm(x), maps
 
     def forward(
         self,

@@ -1,0 +1,73 @@
+"""The Gemma family (Gemma 1): LLaMA's block with three differences, RMSNorm scaling by (1 + weight),
+token embeddings multiplied by sqrt(hidden_size), and a GeGLU MLP (tanh-approximated GELU); its heads
+have a size of their own (256), not hidden_size / num_heads, and its embeddings are tied.
+transformers' ``GemmaForCausalLM`` uses LLaMA's names, so a Gemma checkpoint loads under them.
+
+As in transformers, the scale applies to token embeddings only: image tokens spliced into the
+sequence, and the high-res tokens FlexAttention projects, enter as the projector gives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexvlm.models.decoder import DecoderConfig, LanguageModel
+from flexvlm.models.llm import llama_stack
+
+gelu_tanh = partial(F.gelu, approximate="tanh")
+
+
+@dataclass(frozen=True)
+class GemmaConfig(DecoderConfig):
+    """Gemma-7B's values by default."""
+
+    vocab_size: int = 256000
+    hidden_size: int = 3072
+    intermediate_size: int = 24576
+    num_layers: int = 28
+    num_heads: int = 16
+    head_size: int | None = 256
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+
+    presets = {
+        "gemma-7b": {},
+        "gemma-2b": dict(hidden_size=2048, intermediate_size=16384, num_layers=18, num_heads=8, num_kv_heads=1),
+    }
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm in float32 scaled by (1 + weight), the weight starting at zero."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+class Gemma(LanguageModel):
+    """Gemma; in a YAML ``llm: gemma-2b``, or by class_path with ``init_args: {config: {...}}``."""
+
+    config_class = GemmaConfig
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__(config, llama_stack(config, norm=GemmaRMSNorm, activation=gelu_tanh))
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        embeds = super().embed(input_ids)
+        # the scale in the embeddings' dtype, as transformers casts it
+        return embeds * embeds.new_tensor(self.config.hidden_size**0.5)
