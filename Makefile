@@ -1,5 +1,6 @@
 # Each target creates .venv when it is missing and installs what it needs.
 PY := .venv/bin/python
+LMMS_PY := .venv/lmms/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 SYNTHETIC := experiments/synthetic
 EVALS := "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_random.yaml" \
@@ -14,12 +15,22 @@ EVALS := "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_random.yam
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# lmms-eval (tests/test_lmms_eval.py; README, "Evaluating on benchmarks") in a venv of its own, inside
+# .venv: its pins (filelock<4, and protobuf<7 through wandb==0.25.0) break transformers 5's sentencepiece
+# conversion, which other tests use. torch is pinned on the same line, so that its packages cannot move it
+.venv/lmms/installed: pyproject.toml
+	test -x $(LMMS_PY) || python3 -m venv .venv/lmms
+	$(LMMS_PY) -m pip install -q --upgrade pip
+	$(LMMS_PY) -m pip install -q -e '.[test,lmms]' $(TORCH)
+	touch $@
+
 # the main job: train the default flex model on the built-in task, test it, draw its selections
 demo: .venv/installed
 	$(PY) -m flexvlm fit --config configs/synthetic.yaml --config $(SYNTHETIC)/flex_attn.yaml --test_after_fit true
 
-test: .venv/installed
-	$(PY) -m pytest -q
+test: .venv/installed .venv/lmms/installed
+	$(PY) -m pytest -q --ignore=tests/test_lmms_eval.py
+	$(LMMS_PY) -m pytest -q tests/test_lmms_eval.py
 
 test-slow: .venv/installed
 	$(PY) -m pytest -q -m slow

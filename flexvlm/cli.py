@@ -1,21 +1,40 @@
 """``python -m flexvlm fit|validate|test|predict --config <yaml>``: LightningCLI with omegaconf
 interpolation, the resolved config saved with each run, ``--test_after_fit`` for the main job,
-``--threads`` to pin torch's CPU threads, and error messages that name the valid keys when a config
-has a typo."""
+``--threads`` to pin torch's CPU threads, error messages that name the valid keys when a config
+has a typo, values that several parts must agree on linked from the model to their other users,
+and checkpoints written atomically. ``python -m flexvlm check-data --config <yaml>`` checks the
+configured data instead (``flexvlm.data.check``)."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
 import inspect
+import operator
 import re
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from flexvlm.lit_module import FlexVLMModule
+from flexvlm.run_files import AtomicCheckpointIO, keep_log_before_resume
+
+# (source, target) pairs: the model's value wins over any other given to its other users, from any
+# YAML or the command line (a link is skipped where the classes configured lack either key)
+MODEL = "model.model.init_args"
+LINKS = [
+    (f"{MODEL}.zoom", "data.init_args.zoom"),
+    (f"{MODEL}.backbone.init_args.patch_size", "data.init_args.patch_size"),
+    (f"{MODEL}.backbone.init_args.embed_dim", "model.aux_objective.init_args.embed_dim"),
+]
+# the high-res image side the data must produce: zoom x the backbone's input side
+IMAGE_SIZE_LINK = ((f"{MODEL}.zoom", f"{MODEL}.backbone.init_args.image_size"), "data.init_args.image_size")
 
 
 def _valid_keys(parser: LightningArgumentParser, message: str) -> tuple[str, list[str]] | None:
@@ -26,17 +45,32 @@ def _valid_keys(parser: LightningArgumentParser, message: str) -> tuple[str, lis
         module, _, name = owner.group(1).rpartition(".")
         params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
         return option.group(1), [p for p in params if p != "self" and not p.startswith("*")]
+    # a key of a config file: "Group 'trainer' does not accept option 'max_stepz'" or, given after the
+    # subcommand, "Subcommand 'fit' does not accept option 'trainer.max_stepz'"; of the command line:
+    # "unrecognized arguments: --trainer.max_stepz"
+    in_group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+    in_subcommand = re.search(r"Subcommand '\w+' does not accept option '([\w.]+)'", message)
     unknown = re.search(r"unrecognized arguments: --([\w.]+)", message)
-    if unknown:
-        key = unknown.group(1)
-        parent = key.rpartition(".")[0]
-        prefix = parent + "." if parent else ""
-        names = {a.dest[len(prefix):].split(".")[0] for a in parser._actions if a.dest.startswith(prefix)}
-        return key.rpartition(".")[2], sorted(n for n in names if n and n != "help")
-    return None
+    if in_group:
+        full = ".".join(in_group.groups())
+    elif in_subcommand or unknown:
+        full = (in_subcommand or unknown).group(1)
+    else:
+        return None
+    parent, _, key = full.rpartition(".")
+    prefix = parent + "." if parent else ""
+    # a config file's keys are checked by the parser of the subcommand, whose error reaches the root's
+    subcommands = parser._subcommands_action.choices.values() if parser._subcommands_action else []
+    actions = [a for p in [parser, *subcommands] for a in p._actions]
+    names = {a.dest[len(prefix):].split(".")[0] for a in actions if a.dest.startswith(prefix)}
+    return key, sorted(n for n in names if n and n != "help")
 
 
-class _ArgumentParser(LightningArgumentParser):
+class FlexVLMArgumentParser(LightningArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --trainer.max_step is a typo, not max_steps
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         found = _valid_keys(self, message)
         if found:
@@ -54,20 +88,50 @@ class FlexVLMCLI(LightningCLI):
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU threads of torch's operators (None: torch's default); results depend "
                                  "on it, as the order of floating-point sums does, so a reproducible run pins it")
+        for source, target in LINKS:
+            parser.link_arguments(source, target)
+        sources, target = IMAGE_SIZE_LINK
+        parser.link_arguments(sources, target, compute_fn=operator.mul)
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config[self.subcommand].get("threads") if self.subcommand else self.config.get("threads")
-        if threads is not None:
-            torch.set_num_threads(threads)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("threads") is not None:
+            torch.set_num_threads(config.threads)
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            _resume_in_checkpoint_folder(config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # unless the config says how to save
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> FlexVLMCLI:
-    """The command line; ``run=False`` only builds the model, data and trainer from the configs."""
-    return FlexVLMCLI(
+def _resume_in_checkpoint_folder(config: Any) -> None:
+    """A run resumed from ``<save_dir>/<name>/<version>/checkpoints/x.ckpt`` logs into that version
+    folder, not a new one, when the logger's version is not set (``CSVLogger`` and the others that take
+    ``save_dir``, ``name`` and ``version``); the log written there before the checkpoint's step is kept
+    (``flexvlm.run_files.keep_log_before_resume``), before the logger starts its own."""
+    logger = config.trainer.get("logger")
+    args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if args is None or args.get("save_dir") is None or args.get("name") is None:
+        return
+    ckpt = Path(config.ckpt_path).resolve()
+    run = Path(args.save_dir).resolve() / str(args.name)
+    if args.get("version") is None and ckpt.parent.name == "checkpoints" and ckpt.parents[2] == run:
+        args.version = ckpt.parents[1].name
+    if args.get("version") is not None:
+        version = args.version if isinstance(args.version, str) else f"version_{args.version}"
+        rank_zero_only(keep_log_before_resume)(run / version, str(ckpt))
+
+
+def build(cli_class: type[FlexVLMCLI], args: list[str] | None, run: bool) -> FlexVLMCLI:
+    return cli_class(
         FlexVLMModule,
         L.LightningDataModule,
         subclass_mode_data=True,
@@ -75,5 +139,10 @@ def main(args: list[str] | None = None, run: bool = True) -> FlexVLMCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
-        parser_class=_ArgumentParser,
+        parser_class=FlexVLMArgumentParser,
     )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> FlexVLMCLI:
+    """The command line; ``run=False`` only builds the model, data and trainer from the configs."""
+    return build(FlexVLMCLI, args, run)

@@ -92,6 +92,10 @@ class EvaluationProtocol(nn.Module, ABC):
         """The metric's numbers by name; ``accuracy`` is the benchmark's headline number."""
         return {"accuracy": self.metric.compute()}
 
+    def restore(self, records: list[Record]) -> None:
+        """Counts the verdicts of records written before (a restarted evaluation's answers)."""
+        self.metric.add([float(r["correct"]) for r in records])
+
     def reset(self) -> None:
         self.metric.reset()
 
@@ -118,6 +122,9 @@ class GenerationVQA(_GeneratedAnswers):
     def check(self, answers: list[str], batch: Batch) -> list[Record]:
         self.metric.update(answers, batch["answers"])
         return [{"references": refs, "score": vqa_soft_score(a, refs)} for a, refs in zip(answers, batch["answers"])]
+
+    def restore(self, records: list[Record]) -> None:
+        self.metric.add([r["score"] for r in records])
 
 
 class ExactMatch(_GeneratedAnswers):
@@ -162,6 +169,9 @@ class YesNo(_GeneratedAnswers):
     def compute(self) -> dict[str, Tensor]:
         scores = self.metric.compute()
         return {"accuracy": scores.pop("average"), **{f"accuracy/{qtype}": v for qtype, v in scores.items()}}
+
+    def restore(self, records: list[Record]) -> None:
+        self.metric.add([r["correct"] for r in records], [r["qtype"] for r in records])
 
 
 def _labels_for_logits(labels: Tensor, length: int) -> Tensor:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,25 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from flexvlm.checkpoints import load_run_weights
+from flexvlm.data.collate import SequenceLimits
+from flexvlm.data.datamodule import STAGE_SPLITS
 from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
 from flexvlm.generate import generate
 from flexvlm.models.flex_attention import HIGH_RES_KV_MODES
 from flexvlm.models.vlm import FlexVLM, VLMOutput
+from flexvlm.run_files import AnswerLog, SkipLog, check_writable, update_metrics_file
+
+
+def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
+    """What ``model`` takes in text ids: its vocabulary, and its positions less the image's tokens
+    (which replace one placeholder id), less ``max_new_tokens`` for a generation prompt."""
+    grid = model.encoder.hr_grid if model.mode == "hd" else model.encoder.lr_grid
+    positions = model.config.max_position_embeddings
+    max_length = positions - grid * grid + 1
+    if max_length - max_new_tokens < 2:
+        raise ValueError(f"the model's {positions} positions (max_position_embeddings) hold no prompt: the image "
+                         f"takes {grid * grid} and the answer {max_new_tokens} (model.max_new_tokens)")
+    return SequenceLimits(model.config.vocab_size, max_length, max_length - max_new_tokens)
 
 
 class FlexVLMModule(L.LightningModule):
@@ -35,6 +52,7 @@ class FlexVLMModule(L.LightningModule):
         eval_loss: bool = True,
         high_res_kv: str = "lazy",
         init_from: str | None = None,
+        nonfinite_loss_skips: int = 0,
     ) -> None:
         """
         Args:
@@ -59,6 +77,9 @@ class FlexVLMModule(L.LightningModule):
             init_from: start from another run's weights (its ``.ckpt``) but not its optimizer or
                 step count, e.g. every mode of a study from one low-res-only run; W_K', W_V' that
                 the source lacks start as W_K, W_V (``flexvlm.checkpoints.load_run_weights``).
+            nonfinite_loss_skips: training batches whose loss is NaN or infinite that are skipped
+                (no update, a warning) before the next one stops the run with an error naming its
+                step. Weights that are not finite are never saved over a checkpoint.
 
         Answers are scored by the datamodule's ``protocol`` (``flexvlm.evaluation``) if it has
         one, else by ``GenerationVQA``.
@@ -77,7 +98,13 @@ class FlexVLMModule(L.LightningModule):
         # torchmetrics means rather than self.log(sync_dist=True): Lightning's synced mean floors the
         # summed batch sizes, wrong when processes answered different numbers of questions
         self.loss_mean, self.hr_fraction_mean = MeanMetric(), MeanMetric()
-        self._test_records: list[dict[str, Any]] = []
+        self._test_records: list[dict[str, Any]] = []  # answered in this run, by this process
+        self._test_errors: list[dict[str, Any]] = []  # the questions it could not ask
+        self._answered: list[dict[str, Any]] = []  # answered before a restart of the run
+        self._nonfinite_batches = 0
+        self._folder = Path(".")  # the run folder, known at setup
+        self._skip_log: SkipLog | None = None
+        self._answer_log: AnswerLog | None = None
 
     def _freeze(self, prefixes: list[str]) -> None:
         names = [name for name, _ in self.model.named_parameters()]
@@ -111,16 +138,18 @@ class FlexVLMModule(L.LightningModule):
         hr = out.hr_features if out.hr_features is not None else encoder.encode_high_res(batch["images"])
         return self.aux_objective(lr, hr, batch, out.selection_maps)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        self._record_skipped(batch, "train")
+        size = len(batch["question_id"])  # 0: every sample of the batch was bad
         alpha = self.alpha
-        out = self._forward(batch, alpha)
-        loss = out.loss
-        size = batch["input_ids"].shape[0]
-        if self.aux_objective is not None:
-            aux = self._aux_loss(out, batch)
+        out = self._forward(batch, alpha) if size else None
+        aux = self._aux_loss(out, batch) if out is not None and self.aux_objective is not None else None
+        loss = None if out is None else out.loss if aux is None else out.loss + aux
+        if self._skip_step(loss, batch_idx):
+            return None
+        if aux is not None:
             self.log("train/aux_loss", aux, batch_size=size)
             self.log("train/lm_loss", out.loss, batch_size=size)
-            loss = loss + aux
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/alpha", alpha, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
@@ -130,6 +159,38 @@ class FlexVLMModule(L.LightningModule):
             mean = torch.stack(list(out.selected_fraction.values())).mean()
             self.log("train/hr_fraction", mean, prog_bar=True, batch_size=size)
         return loss
+
+    def _skip_step(self, loss: Tensor | None, batch_idx: int) -> bool:
+        """Whether to skip this step (no loss: a batch of bad samples; a loss that is not finite), and
+        an error once ``nonfinite_loss_skips`` non-finite batches have been skipped."""
+        # decided together: under DDP every process skips the step or none does
+        flags = torch.tensor([loss is None, loss is not None and not bool(torch.isfinite(loss))],
+                             dtype=torch.float32, device=self.device)
+        empty, nonfinite = (self.trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        if not nonfinite:
+            return empty
+        self._nonfinite_batches += 1
+        step, allowed = self.trainer.global_step, self.hparams.nonfinite_loss_skips
+        value = "" if loss is None else f" ({float(loss)})"
+        if self._nonfinite_batches > allowed:
+            raise FloatingPointError(
+                f"the training loss is not finite{value} at step {step} (epoch {self.current_epoch}, batch "
+                f"{batch_idx}), after {allowed} such batches skipped (model.nonfinite_loss_skips): the run stops, "
+                "and its checkpoints stay as they were. A loss that diverges like this usually needs a lower "
+                f"learning rate (model.lr is {self.hparams.lr:g}) or gradient clipping (trainer.gradient_clip_val)")
+        warnings.warn(f"skipping the batch at step {step} (batch {batch_idx}): its loss is not finite "
+                      f"({self._nonfinite_batches} of {allowed} allowed, model.nonfinite_loss_skips)")
+        return True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses to save weights that hold NaN or infinities: the last good checkpoint stays."""
+        bad = [name for name, t in checkpoint["state_dict"].items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise FloatingPointError(
+                f"the weights are not finite at step {self.trainer.global_step} (in {len(bad)} of "
+                f"{len(checkpoint['state_dict'])} tensors, first {bad[0]}): not saving them over the last checkpoint. "
+                f"The training diverged: lower the learning rate (model.lr is {self.hparams.lr:g})")
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -154,9 +215,58 @@ class FlexVLMModule(L.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        protocol = getattr(self.trainer.datamodule, "protocol", None)
+        datamodule = self.trainer.datamodule
+        protocol = getattr(datamodule, "protocol", None)
         if protocol is not None:
             self.protocol = protocol  # a submodule from here on, so the strategy moves its metric
+        if hasattr(datamodule, "fit_to_model"):
+            datamodule.fit_to_model(sequence_limits(self.model, self.hparams.max_new_tokens))
+        size = getattr(datamodule, "hparams", {}).get("image_size")
+        if size is not None and size != self.model.image_size:  # linked where the config allows (flexvlm.cli)
+            raise ValueError(f"the data's images are {size} px (data.init_args.image_size), the model takes "
+                             f"{self.model.image_size} (its zoom x its backbone's side): set data.init_args.image_size "
+                             f"to {self.model.image_size}")
+        # the logger's folder, asked here where every process is (a broadcast from process 0 in DDP)
+        folder = self._folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if stage == "fit":
+            check_writable(folder, "the run folder")
+            for callback in self.trainer.checkpoint_callbacks:
+                if callback.dirpath is not None:
+                    check_writable(Path(callback.dirpath), "the checkpoint folder")
+        self._skip_log = SkipLog(folder)
+        if self.trainer.is_global_zero:  # the samples the datamodule left out (and listed) as it read the files
+            for split in STAGE_SPLITS[stage]:
+                problems = getattr(datamodule, "problems", {}).get(split, [])
+                self._skip_log.add(split, [p.record() for p in problems], warn=False)
+        if stage == "test":
+            self._answer_log = AnswerLog(folder, self.trainer.global_rank, self.trainer.world_size)
+            datamodule.skip_answered(self._resume_answers)
+
+    def _answer_source(self) -> str:
+        """What answers depend on: the weights (a checksum of every tensor; loaded from a checkpoint
+        by now), the module's settings, the model's selection."""
+        sums = [float(t.double().sum()) for t in self.model.state_dict().values() if t.is_floating_point()]
+        settings = [sums, dict(self.hparams), repr(getattr(self.model, "selection", None))]
+        return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()
+
+    def _record_skipped(self, batch: dict[str, Any], split: str) -> None:
+        """The batch's bad samples into skipped.jsonl."""
+        if batch.get("skipped"):
+            self._skip_log.add(split, batch["skipped"])
+
+    def _resume_answers(self) -> set[str]:
+        """The questions to leave out: a test restarted on the same folder, with the same weights and
+        settings, continues after those it has answered. Asked by the datamodule as it makes the test
+        loader, when the weights are loaded."""
+        trainer = self.trainer
+        source = trainer.strategy.broadcast(self._answer_source())
+        self._answered = self._answer_log.answered(source)
+        trainer.strategy.barrier()  # every process has read the log before process 0 rewrites it
+        if trainer.is_global_zero:
+            self._answer_log.start(source, self._answered)
+        if self._answered:
+            print(f"continuing the test in {self._folder}: {len(self._answered)} questions answered before")
+        return {r["question_id"] for r in self._answered}
 
     def _from_datamodule(self, name: str) -> Any:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -203,7 +313,9 @@ class FlexVLMModule(L.LightningModule):
         return {name: float(value) for name, value in scores.items()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._record_skipped(batch, "val")
+        if batch["question_id"]:
+            self._evaluate(batch, "val")
 
     def on_validation_epoch_start(self) -> None:
         self.protocol.reset()
@@ -211,34 +323,70 @@ class FlexVLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        self._record_skipped(batch, "test")
+        self._record_unasked(batch.get("skipped", []))
+        if not batch["question_id"]:
+            return None
         scored = self._evaluate(batch, "test")
         self._test_records += scored.records
+        self._answer_log.append(scored.records)  # written as they come: a restart continues after them
         return {"answers": [r["answer"] for r in scored.records], "masks": scored.masks}
 
     def on_test_epoch_start(self) -> None:
         self.protocol.reset()
-        self._test_records = []
+        self._test_records, self._test_errors = [], []
+        if not self.trainer.is_global_zero:
+            return
+        left_out = getattr(self.trainer.datamodule, "problems", {}).get("test", [])
+        self._record_unasked([p.record() for p in left_out])
+        if self._answered:  # counted once, where the metrics are summed
+            self.protocol.restore(self._answered)
+            if self.model.mode == "flex":
+                self.hr_fraction_mean.update(torch.tensor([r["hr_fraction"] for r in self._answered]))
+
+    def _record_unasked(self, problems: list[dict[str, Any]]) -> None:
+        """Questions that could not be asked are in the answers too, with their error."""
+        errors = [{"question_id": p["sample_id"], "where": p["where"], "error": p["what"]} for p in problems]
+        self._test_errors += errors
+        self._answer_log.append(errors)
 
     def on_test_epoch_end(self) -> None:
         """answers.jsonl and metrics.json into the run folder (records gathered from every process)."""
         scores = self._log_scores("test")
-        records = gather_records(self._test_records)
-        log_dir = self.trainer.log_dir  # a broadcast from rank 0 in DDP: every process must ask for it
-        if not self.trainer.is_global_zero or log_dir is None:
+        records = self._answered + gather_records(self._test_records)
+        errors = gather_records(self._test_errors)
+        self.trainer.strategy.barrier()  # every process's skipped samples are in skipped.jsonl
+        if not self.trainer.is_global_zero:
             return
-        folder = Path(log_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "answers.jsonl", "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        self._answer_log.finish(records + errors)
         # the scores logged just now reach callback_metrics only after this hook
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
         metrics |= scores
-        metrics["num_questions"] = len(records)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        skipped = len(errors)
+        metrics |= {"num_questions": len(records), "num_skipped": skipped}
+        if self._answered and "test/loss" in metrics:
+            metrics["notes"] = {"test/loss": f"over the {len(records) - len(self._answered)} questions answered "
+                                             "since the restart"}
+        update_metrics_file(self._folder, metrics)
+        print(f"the test scores cover {len(records)} of {len(records) + skipped} questions"
+              + (f"; {skipped} could not be asked (listed in {self._skip_log.path})" if skipped else ""))
+
+    def on_train_end(self) -> None:
+        """The count of bad samples left out, printed and written into metrics.json."""
+        self.trainer.strategy.barrier()  # every process's skipped samples are in skipped.jsonl
+        if not self.trainer.is_global_zero:
+            return
+        counts = {f"skipped/{split}": self._skip_log.count(split) for split in STAGE_SPLITS["fit"]}
+        update_metrics_file(self._folder, counts)
+        if any(counts.values()):
+            print(f"bad samples left out: {counts['skipped/train']} in training, {counts['skipped/val']} in "
+                  f"validation (listed in {self._skip_log.path})")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        self._record_skipped(batch, "test")
+        if not batch["question_id"]:
+            return []
         answers, fraction, masks = self.answer(batch)
         prompts = prompt_texts(batch, self.tokenizer)
         return [

@@ -187,7 +187,8 @@ class _MeanScore(Metric):
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def _add(self, scores: Tensor | list[float]) -> None:
+    def add(self, scores: Tensor | list[float]) -> None:
+        """Per-item scores as they are (e.g. those of answers a restarted evaluation had written)."""
         scores = torch.as_tensor(scores, dtype=torch.float64, device=self.score_sum.device)
         self.score_sum += scores.sum()
         self.total += scores.numel()
@@ -200,7 +201,7 @@ class VQAAccuracy(_MeanScore):
     """TextVQA / VQA soft accuracy (see ``vqa_soft_score``), averaged over questions."""
 
     def update(self, preds: list[str], targets: list[list[str]]) -> None:
-        self._add([vqa_soft_score(p, refs) for p, refs in zip(preds, targets, strict=True)])
+        self.add([vqa_soft_score(p, refs) for p, refs in zip(preds, targets, strict=True)])
 
 
 def exact_match(pred: str, target: str) -> bool:
@@ -212,14 +213,14 @@ class ExactMatchAccuracy(_MeanScore):
     """Fraction of predictions equal to their target after ``normalize_answer``."""
 
     def update(self, preds: list[str], targets: list[str]) -> None:
-        self._add([exact_match(p, t) for p, t in zip(preds, targets, strict=True)])
+        self.add([exact_match(p, t) for p, t in zip(preds, targets, strict=True)])
 
 
 class MultipleChoiceAccuracy(_MeanScore):
     """Accuracy of letters parsed from responses (``parse_choice_letter``); unparsed is wrong."""
 
     def update(self, responses: list[str], options: list[list[str]], answers: list[int]) -> None:
-        self._add([parse_choice_letter(r, o) == a
+        self.add([parse_choice_letter(r, o) == a
                    for r, o, a in zip(responses, options, answers, strict=True)])
 
 
@@ -230,7 +231,7 @@ class LikelihoodChoiceAccuracy(_MeanScore):
     """
 
     def update(self, option_losses: Tensor, answers: Tensor) -> None:
-        self._add(option_losses.argmin(dim=-1) == answers.to(option_losses.device))
+        self.add(option_losses.argmin(dim=-1) == answers.to(option_losses.device))
 
 
 _YES_NO = {"yes", "no"}
@@ -268,12 +269,16 @@ class YesNoAccuracy(Metric):
         self.add_state("total", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: list[str], targets: list[str], qtypes: list[str]) -> None:
+        self.add([yes_no_correct(p, t) for p, t in zip(preds, targets, strict=True)], qtypes)
+
+    def add(self, outcomes: list[bool], qtypes: list[str]) -> None:
+        """Outcomes as they are (e.g. those of answers a restarted evaluation had written)."""
         correct, total = [0] * len(self.qtypes), [0] * len(self.qtypes)
-        for pred, target, qtype in zip(preds, targets, qtypes, strict=True):
+        for outcome, qtype in zip(outcomes, qtypes, strict=True):
             if qtype not in self.qtypes:
                 raise ValueError(f"unknown question type {qtype!r}; expected one of {self.qtypes}")
             i = self.qtypes.index(qtype)
-            correct[i] += yes_no_correct(pred, target)
+            correct[i] += bool(outcome)
             total[i] += 1
         self.correct += torch.tensor(correct, device=self.correct.device)
         self.total += torch.tensor(total, device=self.total.device)

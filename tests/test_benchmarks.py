@@ -7,14 +7,18 @@ import pytest
 from PIL import Image
 
 from flexvlm.data.benchmarks import (
+    RSVQAHR,
     BenchmarkDataset,
     BenchmarkItem,
-    read_llava_questions,
-    read_magnifierbench,
-    read_rsvqa_hr,
-    read_textvqa,
-    read_vstar,
+    BenchmarkReader,
+    LlavaQuestions,
+    MagnifierBench,
+    TextVQA,
+    VStar,
 )
+from flexvlm.data.benchmark_datamodule import load_preprocessed
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD
+from flexvlm.data.problems import BadSample
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -22,7 +26,20 @@ LETTER = "Answer with the option's letter from the given choices directly."
 
 def _image(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 3), (10, 20, 30)).save(path)
+    Image.new("RGB", (16, 12), (10, 20, 30)).save(path)
+
+
+def _items(reader: BenchmarkReader) -> list[BenchmarkItem]:
+    """What the reader reads from files with nothing wrong in them."""
+    items, problems = reader.read()
+    assert problems == []
+    return items
+
+
+def _problem(reader: BenchmarkReader) -> str:
+    """The one problem the reader finds."""
+    _, [problem] = reader.read()
+    return str(problem)
 
 
 def _json(path: Path, data) -> Path:
@@ -38,31 +55,31 @@ def test_textvqa(tmp_path):
          "answers": answers, "image_classes": ["phone"]},
     ]})
     _image(tmp_path / "images" / "003a8ae2ef43b901.jpg")
-    [item] = read_textvqa(ann, tmp_path / "images")
+    [item] = _items(TextVQA(ann, tmp_path / "images"))
     assert item == BenchmarkItem(
         question_id="34602",
         image_path=str(tmp_path / "images" / "003a8ae2ef43b901.jpg"),
         prompt=f"<image>\nwhat brand is this?\n{SHORT}",
         answers=answers,
+        where=f"{ann} entry 0",
     )
 
 
 def test_textvqa_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        read_textvqa(tmp_path / "missing.json", tmp_path)
+        TextVQA(tmp_path / "missing.json", tmp_path).read()
     with pytest.raises(FileNotFoundError, match="no_images"):
-        read_textvqa(tmp_path / "x.json", tmp_path / "no_images")
+        TextVQA(tmp_path / "x.json", tmp_path / "no_images").read()
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
-        read_textvqa(bad, tmp_path)
+    with pytest.raises(ValueError, match="bad.json: malformed JSON at line 1 column 2"):
+        TextVQA(bad, tmp_path).read()
     no_data = _json(tmp_path / "no_data.json", {"questions": []})
     with pytest.raises(ValueError, match="'data'"):
-        read_textvqa(no_data, tmp_path)
+        TextVQA(no_data, tmp_path).read()
     no_question = _json(tmp_path / "no_q.json", {"data": [{"question_id": 1, "image_id": "a",
-                                                           "answers": []}]})
-    with pytest.raises(ValueError, match="no_q.json entry 0: missing key 'question'"):
-        read_textvqa(no_question, tmp_path)
+                                                           "answers": ["x"]}]})
+    assert "no_q.json entry 0 (id 1): missing key 'question'" in _problem(TextVQA(no_question, tmp_path))
 
 
 def _vstar(root: Path) -> None:
@@ -82,7 +99,7 @@ def _vstar(root: Path) -> None:
 
 def test_vstar(tmp_path):
     _vstar(tmp_path)
-    items = read_vstar(tmp_path)
+    items = _items(VStar(tmp_path))
     assert [i.question_id for i in items] == [
         "direct_attributes/sa_0", "direct_attributes/sa_1", "relative_position/sa_9"]
     first, _, last = items
@@ -95,14 +112,12 @@ def test_vstar(tmp_path):
 
 def test_vstar_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="direct_attributes"):
-        read_vstar(tmp_path)
+        VStar(tmp_path).read()
     _vstar(tmp_path)
     _image(tmp_path / "relative_position" / "orphan.jpg")
-    with pytest.raises(FileNotFoundError, match="orphan.json"):
-        read_vstar(tmp_path)
+    assert "V* Bench annotation not found" in _problem(VStar(tmp_path))
     _json(tmp_path / "relative_position" / "orphan.json", {"question": "Where?"})
-    with pytest.raises(ValueError, match="orphan.json: missing key 'options'"):
-        read_vstar(tmp_path)
+    assert "orphan.json (id relative_position/orphan): missing key 'options'" in _problem(VStar(tmp_path))
 
 
 def test_magnifierbench_with_option_lists(tmp_path):
@@ -115,7 +130,7 @@ def test_magnifierbench_with_option_lists(tmp_path):
         {"id": 3, "images": ["images/1.png"], "question": "Is it day?", "options": ["yes", "no"],
          "answer": "No"},
     ])
-    first, second, third = read_magnifierbench(ann)
+    first, second, third = _items(MagnifierBench(ann))
     assert first.prompt == ("<image>\nWhat colour is the kite?\nA. red\nB. blue\nC. yellow\n"
                             f"D. green\n{LETTER}")
     assert (first.question_id, first.answer_index, first.answers) == ("mb_1", 2, ["C"])
@@ -130,7 +145,7 @@ def test_magnifierbench_inline_options_as_released(tmp_path):
         "id": "q7", "image": "7.jpg", "answer": "B",
         "instruction": "What is written on the sign? A. stop, B. exit, C. St. Louis, D. open.",
     }])
-    [item] = read_magnifierbench(ann, image_root=tmp_path / "imgs")
+    [item] = _items(MagnifierBench(ann, image_root=tmp_path / "imgs"))
     assert item.options == ["stop", "exit", "St. Louis", "open"]
     assert item.prompt == ("<image>\nWhat is written on the sign?\nA. stop\nB. exit\n"
                            f"C. St. Louis\nD. open\n{LETTER}")
@@ -143,12 +158,10 @@ def test_magnifierbench_errors(tmp_path):
                          ("answer", "missing key 'answer'"),
                          ("options", "missing key 'options' / 'choices'")]:
         broken = {k: v for k, v in entry.items() if k != key}
-        with pytest.raises(ValueError, match=message):
-            read_magnifierbench(_json(tmp_path / "m.json", [broken]))
-    with pytest.raises(ValueError, match="matches none"):
-        read_magnifierbench(_json(tmp_path / "m.json", [{**entry, "answer": "C"}]))
+        assert message in _problem(MagnifierBench(_json(tmp_path / "m.json", [broken])))
+    assert "matches none" in _problem(MagnifierBench(_json(tmp_path / "m.json", [{**entry, "answer": "C"}])))
     with pytest.raises(ValueError, match="JSON list"):
-        read_magnifierbench(_json(tmp_path / "m.json", {"data": [entry]}))
+        MagnifierBench(_json(tmp_path / "m.json", {"data": [entry]})).read()
 
 
 def _rsvqa(root: Path) -> None:
@@ -175,12 +188,13 @@ def _rsvqa(root: Path) -> None:
 
 def test_rsvqa_hr(tmp_path):
     _rsvqa(tmp_path)
-    presence, comparison = read_rsvqa_hr(tmp_path)
+    presence, comparison = _items(RSVQAHR(tmp_path))
     assert presence == BenchmarkItem(
         question_id="0", image_path=str(tmp_path / "Data" / "5.tif"),
-        prompt=f"<image>\nIs there a road?\n{SHORT}", answers=["yes"], qtype="presence")
+        prompt=f"<image>\nIs there a road?\n{SHORT}", answers=["yes"], qtype="presence",
+        where=f"{tmp_path / 'USGS_split_test_questions.json'} entry 0")
     assert (comparison.qtype, comparison.answers) == ("comparison", ["no"])
-    every = read_rsvqa_hr(tmp_path, qtypes=None)
+    every = _items(RSVQAHR(tmp_path, qtypes=None))
     assert [(i.question_id, i.qtype) for i in every] == [
         ("0", "presence"), ("1", "comparison"), ("2", "count")]
     assert every[2].image_path == str(tmp_path / "Data" / "6.png")
@@ -188,13 +202,12 @@ def test_rsvqa_hr(tmp_path):
 
 def test_rsvqa_hr_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="USGS_split_test_questions.json"):
-        read_rsvqa_hr(tmp_path)
+        RSVQAHR(tmp_path).read()
     _rsvqa(tmp_path)
     with pytest.raises(FileNotFoundError, match="USGS_split_val_questions.json"):
-        read_rsvqa_hr(tmp_path, split="val")
-    (tmp_path / "Data" / "5.tif").unlink()
-    with pytest.raises(FileNotFoundError, match="5"):
-        read_rsvqa_hr(tmp_path)
+        RSVQAHR(tmp_path, split="val").read()
+    (tmp_path / "Data" / "5.tif").unlink()  # named with the suffixes tried, for the datamodule to report
+    assert _items(RSVQAHR(tmp_path))[0].image_path == str(tmp_path / "Data" / "5{.tif,.png}")
 
 
 def test_llava_questions(tmp_path):
@@ -206,15 +219,14 @@ def test_llava_questions(tmp_path):
         {"question_id": 3, "image": "c.jpg", "text": "Where?"},
     ]
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
-    first, second, third = read_llava_questions(path, tmp_path / "img")
+    first, second, third = _items(LlavaQuestions(path, tmp_path / "img"))
     assert first == BenchmarkItem(question_id="1", image_path=str(tmp_path / "img" / "a.jpg"),
-                                  prompt=f"<image>\nWhat is it?\n{SHORT}", answers=["cat"])
+                                  prompt=f"<image>\nWhat is it?\n{SHORT}", answers=["cat"], where=f"{path} line 1")
     assert (second.prompt, second.answers, second.qtype) == ("<image>\nDescribe.", ["x", "y"],
                                                              "conv")
     assert third.answers == []
     path.write_text(json.dumps(lines[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match="q.jsonl line 2"):
-        read_llava_questions(path, tmp_path)
+    assert "q.jsonl line 2: malformed JSON at line 1 column 2" in _problem(LlavaQuestions(path, tmp_path))
 
 
 def test_benchmark_dataset_loads_lazily(tmp_path):
@@ -226,7 +238,7 @@ def test_benchmark_dataset_loads_lazily(tmp_path):
         with Image.open(path) as image:
             return {"image_size": image.size}
 
-    dataset = BenchmarkDataset(read_vstar(tmp_path), load)
+    dataset = BenchmarkDataset(_items(VStar(tmp_path)), load)
     assert len(dataset) == 3 and calls == []
     sample = dataset[2]
     assert calls == [str(tmp_path / "relative_position" / "sa_9.jpg")]
@@ -238,7 +250,15 @@ def test_benchmark_dataset_loads_lazily(tmp_path):
                     "The dog is on the right side of the car."],
         "answer_index": 0,
         "qtype": "relative_position",
-        "image_size": (4, 3),
+        "where": str(tmp_path / "relative_position" / "sa_9.json"),
+        "image_size": (16, 12),
     }
     with pytest.raises(ValueError, match="question"):
         BenchmarkDataset(dataset.items, lambda path: {"question": "x"})[0]
+    (tmp_path / "relative_position" / "sa_9.jpg").write_bytes(b"not an image")
+    with pytest.raises(BadSample, match=r"sa_9.json \(id relative_position/sa_9\): cannot decode image"):
+        BenchmarkDataset(dataset.items, load_preprocessed_96)[2]
+
+
+def load_preprocessed_96(path: str) -> dict:
+    return load_preprocessed(path, 96, CLIP_MEAN, CLIP_STD)

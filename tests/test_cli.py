@@ -115,6 +115,49 @@ def test_typos_fail_naming_the_valid_options(capsys):
     assert "did you mean 'max_steps'" in capsys.readouterr().err
 
 
+def test_typos_in_a_yaml_and_abbreviations_fail_naming_the_valid_options(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_stepz: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", BASE, "--config", str(typo)])
+    err = capsys.readouterr().err
+    assert "does not accept option 'trainer.max_stepz'" in err and "did you mean 'max_steps'" in err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", BASE, "--trainer.max_step", "2"])  # not taken as max_steps
+    assert "unrecognized arguments: --trainer.max_step" in capsys.readouterr().err
+
+
+def test_bad_sample_policy_is_checked_by_the_parser(tmp_path, capsys):
+    data = {"class_path": "flexvlm.data.datamodule.LlavaDataModule",
+            "init_args": {"train_json": "t.json", "image_folder": "i", "tokenizer_path": "tok", "on_bad_sample": "skp"}}
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", BASE, "--data", json.dumps(data)])
+    assert "on_bad_sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["command line", "stacked yaml"])
+def test_model_values_reach_every_user(where, tmp_path):
+    """Zoom, patch size and backbone width are set once, on the model: the data and the auxiliary
+    objective follow an override from the command line or from a YAML stacked later."""
+    overrides = {"model.model.zoom": 5, "model.model.backbone.init_args.embed_dim": 32,
+                 "model.model.backbone.init_args.patch_size": 16}
+    if where == "command line":
+        args = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    else:
+        stacked = tmp_path / "stacked.yaml"
+        stacked.write_text("model:\n  model:\n    zoom: 5\n    backbone:\n      init_args:\n        embed_dim: 32\n"
+                           "        patch_size: 16\n")
+        args = ["--config", str(stacked)]
+    cli = main(["--config", BASE, *_small(tmp_path), *args], run=False)
+    data = cli.datamodule.hparams
+    assert (data.zoom, data.patch_size, data.image_size) == (5, 16, 5 * 32)
+    assert cli.model.aux_objective.lr_colour.in_features == 32
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    out = cli.model.model(batch["input_ids"], batch["attention_mask"], batch["images"], labels=batch["labels"])
+    assert torch.isfinite(out.loss) and cli.model._aux_loss(out, batch).isfinite()
+
+
 def test_unknown_strategy_name_lists_the_registered_ones(tmp_path):
     with pytest.raises(ValueError, match="valid names: .*attention.*center.*random"):
         main(["--config", BASE, *_small(tmp_path), "--model.model.init_args.selection", "atention"], run=False)
@@ -172,8 +215,7 @@ def test_init_from_another_run_starts_from_its_weights_not_its_optimizer(tmp_pat
     assert torch.load(tmp_path / "stage2" / "v" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
 
     with pytest.raises(ValueError, match=r"projector.0.weight: checkpoint \(64, 64\) vs model \(64, 32\)"):
-        main([*stage2, "--model.model.backbone.init_args.embed_dim", "32",
-              "--model.aux_objective.init_args.embed_dim", "32"], run=False)
+        main([*stage2, "--model.model.backbone.init_args.embed_dim", "32"], run=False)
 
 
 def test_fit_and_test_with_bf16_weights(tmp_path):

@@ -9,8 +9,9 @@ from PIL import Image
 
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.data.collate import VQACollator, sample_conversation
-from flexvlm.data.datamodule import LlavaInstructDataset
+from flexvlm.data.llava import LlavaInstructDataset
 from flexvlm.data.image import CLIP_MEAN, CLIP_STD
+from flexvlm.data.problems import BadSample
 from flexvlm.data.templates import PlainTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import WordTokenizer
 
@@ -95,7 +96,7 @@ def test_collator_rejects_two_images():
     two = sample(
         conversations=[{"from": "human", "value": "<image> <image> red"}, {"from": "gpt", "value": "7"}]
     )
-    with pytest.raises(ValueError, match="exactly one image token"):
+    with pytest.raises(BadSample, match="2 <image> placeholders"):
         VQACollator(TOK, PlainTemplate())([two])
 
 
@@ -151,27 +152,29 @@ def test_llava_dataset_items_and_vicuna_batch(llava_files):
     assert (batch["labels"] == tok.eos_id).sum(1).tolist() == [1, 1]  # each reply closed by </s>
 
 
-def test_llava_dataset_missing_image_names_the_file(llava_files):
+def test_llava_dataset_image_gone_after_reading_is_a_bad_sample_naming_it(llava_files):
     path, images, _ = llava_files
-    (images / "square.jpg").unlink()
     dataset = LlavaInstructDataset(path, images, image_size=32)
-    with pytest.raises(FileNotFoundError, match="square.jpg"):
+    (images / "square.jpg").unlink()
+    with pytest.raises(BadSample, match=r"data.json entry 1 \(id 2\): image not found: .*square.jpg"):
         dataset[1]
 
 
-def test_llava_dataset_corrupt_image_is_a_value_error(llava_files):
+def test_llava_dataset_corrupt_image_is_a_bad_sample(llava_files):
     path, images, _ = llava_files
     (images / "coco" / "wide.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(ValueError, match="wide.png"):
+    with pytest.raises(BadSample, match=r"entry 0 \(id a1\): cannot decode image .*wide.png"):
         LlavaInstructDataset(path, images, image_size=32)[0]
 
 
-def test_llava_dataset_rejects_text_only_entries(tmp_path, llava_files):
+def test_llava_dataset_leaves_out_text_only_entries_and_lists_them(tmp_path, llava_files):
     path, images, entries = llava_files
     text_only = tmp_path / "text.json"
     no_image = {"id": "t9", "conversations": entries[0]["conversations"]}
     text_only.write_text(json.dumps(entries + [no_image]))
-    with pytest.raises(ValueError, match="t9"):
-        LlavaInstructDataset(text_only, images, image_size=32)
+    dataset = LlavaInstructDataset(text_only, images, image_size=32)
+    assert len(dataset) == 2 and dataset.sample_ids() == ["a1", "2"]
+    [problem] = dataset.problems
+    assert (problem.where, problem.sample_id) == (f"{text_only} entry 2", "t9") and "no 'image'" in problem.what
     with pytest.raises(FileNotFoundError, match="absent.json"):
         LlavaInstructDataset(tmp_path / "absent.json", images, image_size=32)

@@ -32,9 +32,9 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def test_load_image_converts_to_rgb(tmp_path):
     path = tmp_path / "grey.png"
-    Image.new("L", (5, 4), 77).save(path)
+    Image.new("L", (10, 8), 77).save(path)
     img = load_image(path)
-    assert img.mode == "RGB" and img.size == (5, 4)
+    assert img.mode == "RGB" and img.size == (10, 8)
     assert img.getpixel((0, 0)) == (77, 77, 77)
 
 

@@ -17,6 +17,7 @@ from tokenizers import models, pre_tokenizers
 from flexvlm.cli import main
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.data.benchmark_datamodule import BenchmarkDataModule, load_preprocessed
+from flexvlm.data.benchmarks import RSVQAHR, BenchmarkReader, LlavaQuestions, MagnifierBench, TextVQA, VStar
 from flexvlm.data.collate import sample_conversation
 from flexvlm.data.templates import PlainTemplate
 from flexvlm.evaluation import ExactMatch, GenerationVQA, LetterChoice, LikelihoodChoice, YesNo
@@ -72,9 +73,9 @@ def _llava_questions(root: Path) -> dict:
     return {"question_file": str(root / "q.jsonl"), "image_dir": str(root / "img")}
 
 
-def _batch(tokenizer_dir: Path, benchmark: str, reader_args: dict, template=None) -> tuple[dict, BenchmarkDataModule]:
+def _batch(tokenizer_dir: Path, benchmark: BenchmarkReader, template=None) -> tuple[dict, BenchmarkDataModule]:
     """The benchmark's whole test split as one batch, through the datamodule's own loader."""
-    data = BenchmarkDataModule(benchmark, reader_args, str(tokenizer_dir), template=template, image_size=96,
+    data = BenchmarkDataModule(benchmark, str(tokenizer_dir), template=template, image_size=96,
                                eval_batch_size=8)
     data.setup("test")
     [batch] = list(data.test_dataloader())
@@ -94,7 +95,7 @@ def _tiny_model() -> FlexVLM:
 
 
 def test_generation_vqa_soft_accuracy(tmp_path, tokenizer_dir):
-    batch, data = _batch(tokenizer_dir, "textvqa", _textvqa(tmp_path))
+    batch, data = _batch(tokenizer_dir, TextVQA(**_textvqa(tmp_path)))
     assert isinstance(data.protocol, GenerationVQA)
     scored = data.protocol.score(_stub(data, ["Nokia", "stop"]), batch)
     # 7 of 10 match: every leave-one-out subset keeps >= 3 matches -> 1. 2 of 10 match: the 2
@@ -113,7 +114,7 @@ def test_generation_vqa_soft_accuracy(tmp_path, tokenizer_dir):
 
 
 def test_letter_choice_parses_the_generated_letter(tmp_path, tokenizer_dir):
-    batch, data = _batch(tokenizer_dir, "magnifierbench", _magnifierbench(tmp_path))
+    batch, data = _batch(tokenizer_dir, MagnifierBench(**_magnifierbench(tmp_path)))
     assert isinstance(data.protocol, LetterChoice)
     # "C" is C (right); "(A)" picks A, the answer is B; "2" is no letter but the text of option B
     scored = data.protocol.score(_stub(data, ["C", "The answer is (A) no.", "2"]), batch)
@@ -124,7 +125,7 @@ def test_letter_choice_parses_the_generated_letter(tmp_path, tokenizer_dir):
 
 def test_yes_no_per_question_type(tmp_path, tokenizer_dir):
     _rsvqa(tmp_path)
-    batch, data = _batch(tokenizer_dir, "rsvqa_hr", {"root": str(tmp_path), "qtypes": None})
+    batch, data = _batch(tokenizer_dir, RSVQAHR(str(tmp_path), qtypes=None))
     assert isinstance(data.protocol, YesNo) and batch["qtype"] == ["presence", "comparison", "count"]
     # references yes / no / 12: the first word of "Yes, there is." is yes; "yes" is not no
     scored = data.protocol.score(_stub(data, ["Yes, there is.", "yes", "12"]), batch)
@@ -135,7 +136,7 @@ def test_yes_no_per_question_type(tmp_path, tokenizer_dir):
 
 
 def test_exact_match_against_the_first_reference(tmp_path, tokenizer_dir):
-    batch, data = _batch(tokenizer_dir, "llava_questions", _llava_questions(tmp_path))
+    batch, data = _batch(tokenizer_dir, LlavaQuestions(**_llava_questions(tmp_path)))
     protocol = ExactMatch()
     # "A cat." normalises to "cat"; "y" is a reference, but not the first one
     scored = protocol.score(_stub(data, ["A cat.", "y"]), batch)
@@ -159,7 +160,7 @@ def _naive_option_loss(model: FlexVLM, data: BenchmarkDataModule, item, option: 
 
 def test_likelihood_choice_matches_one_forward_per_option(tmp_path, tokenizer_dir):
     _vstar(tmp_path)
-    batch, data = _batch(tokenizer_dir, "vstar", {"root": str(tmp_path)}, template=PlainTemplate())
+    batch, data = _batch(tokenizer_dir, VStar(str(tmp_path)), template=PlainTemplate())
     assert isinstance(data.protocol, LikelihoodChoice) and [len(o) for o in batch["options"]] == [4, 4, 2]
     model = _tiny_model()
     module = SimpleNamespace(model=model, tokenizer=data.tokenizer, collator=data.collator)
@@ -177,11 +178,23 @@ def test_likelihood_choice_matches_one_forward_per_option(tmp_path, tokenizer_di
     assert set(scored.masks) == {1, 2} and scored.masks[1].shape == (3, 12, 12)
 
 
-def test_unknown_benchmark_and_reader_arguments(tokenizer_dir):
-    with pytest.raises(ValueError, match="valid names: textvqa, vstar, magnifierbench, rsvqa_hr, llava_questions"):
-        BenchmarkDataModule("textvqa2", {}, str(tokenizer_dir))
-    with pytest.raises(ValueError, match="read_textvqa takes annotation_file, image_dir"):
-        BenchmarkDataModule("textvqa", {"annotation": "a.json"}, str(tokenizer_dir))
+def _reader(name: str, init_args: dict) -> str:
+    """A benchmark reader as a command-line value."""
+    return json.dumps({"class_path": f"flexvlm.data.benchmarks.{name}", "init_args": init_args})
+
+
+def test_reader_arguments_are_typed_and_typos_list_the_valid_names(capsys):
+    paper = ROOT / "experiments" / "paper" / "llava-1.5-7b-flexattn.yaml"
+    base = ["test", "--config", str(paper), "--config", str(ROOT / "configs" / "benchmarks" / "textvqa.yaml")]
+    with pytest.raises(SystemExit):
+        main([*base, "--data.init_args.benchmark.init_args.annotation", "a.json"])
+    err = capsys.readouterr().err
+    assert "valid names here: annotation_file, image_dir" in err and "did you mean 'annotation_file'" in err
+    rsvqa = ROOT / "configs" / "benchmarks" / "rsvqa_hr.yaml"
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(paper), "--config", str(rsvqa), "--data.init_args.benchmark.init_args.qtypes",
+              "7"])
+    assert "qtypes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["textvqa", "vstar", "magnifierbench", "rsvqa_hr"])
@@ -192,7 +205,8 @@ def test_shipped_benchmark_yaml_stacks_on_the_paper_model(name, capsys):
               "--print_config"])
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
-    assert f"benchmark: {name}" in out and "class_path: flexvlm.models.vlm.FlexVLM" in out
+    reader = {"textvqa": "TextVQA", "vstar": "VStar", "magnifierbench": "MagnifierBench", "rsvqa_hr": "RSVQAHR"}[name]
+    assert f"class_path: flexvlm.data.benchmarks.{reader}" in out and "class_path: flexvlm.models.vlm.FlexVLM" in out
 
 
 def _tiny_run_config(tmp_path: Path) -> Path:
@@ -220,7 +234,7 @@ def test_cli_test_then_predict_on_a_shipped_benchmark_config(tmp_path, tokenizer
     """configs/benchmarks/textvqa.yaml after the tiny model, its paths overridden, untrained weights."""
     reader_args = _textvqa(tmp_path / "textvqa")
     args = ["--config", str(_tiny_run_config(tmp_path)),
-            "--config", str(ROOT / "configs" / "benchmarks" / "textvqa.yaml"), "--trainer.strategy", "auto", "--data.init_args.reader_args", json.dumps(reader_args),
+            "--config", str(ROOT / "configs" / "benchmarks" / "textvqa.yaml"), "--trainer.strategy", "auto", "--data.init_args.benchmark", _reader("TextVQA", reader_args),
             "--data.init_args.tokenizer_path", str(tokenizer_dir), "--data.init_args.image_size", "96",
             "--data.init_args.num_workers", "0", "--model.max_new_tokens", "3"]
     main(["test", *args])
@@ -230,8 +244,8 @@ def test_cli_test_then_predict_on_a_shipped_benchmark_config(tmp_path, tokenizer
     assert {"question_id", "prompt", "answer", "hr_fraction", "references", "score"} <= set(records[0])
     assert records[0]["prompt"].startswith("<image>\nwhat brand is this?")
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"test/accuracy", "test/hr_fraction", "num_questions"}  # eval_loss: false
-    assert metrics["num_questions"] == 2
+    assert set(metrics) == {"test/accuracy", "test/hr_fraction", "num_questions", "num_skipped"}  # eval_loss: false
+    assert (metrics["num_questions"], metrics["num_skipped"]) == (2, 0)
     assert metrics["test/accuracy"] == pytest.approx(sum(r["score"] for r in records) / 2)
     assert metrics["test/hr_fraction"] == pytest.approx(sum(r["hr_fraction"] for r in records) / 2, abs=1e-6)
     assert (run / "selections.png").is_file()
@@ -254,7 +268,7 @@ def test_cli_test_in_two_processes_answers_each_question_once(tmp_path, tokenize
     Path(reader_args["annotation_file"]).write_text(json.dumps(data))
     command = [sys.executable, "-m", "flexvlm", "test", "--config", str(_tiny_run_config(tmp_path)),
                "--config", str(ROOT / "configs" / "benchmarks" / "textvqa.yaml"), "--trainer.devices", "2",
-               "--data.init_args.reader_args", json.dumps(reader_args), "--data.init_args.tokenizer_path",
+               "--data.init_args.benchmark", _reader("TextVQA", reader_args), "--data.init_args.tokenizer_path",
                str(tokenizer_dir), "--data.init_args.image_size", "96", "--data.init_args.num_workers", "0",
                "--data.init_args.eval_batch_size", "1", "--model.max_new_tokens", "2"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)

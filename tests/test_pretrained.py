@@ -208,7 +208,8 @@ def test_released_yaml_stacks_with_each_benchmark(benchmark, capsys, monkeypatch
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["model"]["class_path"] == "flexvlm.models.pretrained.PretrainedFlexVLM"
-    assert printed["data"]["init_args"]["benchmark"] == benchmark.stem
+    reader = yaml.safe_load(benchmark.read_text())["data"]["init_args"]["benchmark"]["class_path"]
+    assert printed["data"]["init_args"]["benchmark"]["class_path"] == reader
 
 
 # ---------------------------------------------------------------- the other LLaVA layouts

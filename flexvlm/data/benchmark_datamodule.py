@@ -1,40 +1,21 @@
 """A LightningDataModule over one evaluation benchmark (test and predict), with the protocol that
 scores it (``flexvlm.evaluation``)."""
 
-import inspect
-from collections.abc import Callable
 from functools import partial
-from typing import Any
+from pathlib import Path
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset, Sampler
 
-from flexvlm.data.benchmarks import (
-    BenchmarkDataset,
-    BenchmarkItem,
-    read_llava_questions,
-    read_magnifierbench,
-    read_rsvqa_hr,
-    read_textvqa,
-    read_vstar,
-)
-from flexvlm.data.datamodule import Triple, _VQADataModule
+from flexvlm.data.benchmarks import BenchmarkDataset, BenchmarkReader
+from flexvlm.data.datamodule import _VQADataModule
 from flexvlm.data.image import CLIP_MEAN, CLIP_STD, load_image, preprocess_image
+from flexvlm.data.llava import Triple
+from flexvlm.data.problems import BadSamplePolicy, Problem
 from flexvlm.data.templates import ChatTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import load_tokenizer
-from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, LetterChoice, LikelihoodChoice, YesNo
-
-Reader = Callable[..., list[BenchmarkItem]]
-
-# name -> (its reader, the protocol docs/method.md section 8 scores it with)
-BENCHMARKS: dict[str, tuple[Reader, type[EvaluationProtocol]]] = {
-    "textvqa": (read_textvqa, GenerationVQA),
-    "vstar": (read_vstar, LikelihoodChoice),
-    "magnifierbench": (read_magnifierbench, LetterChoice),
-    "rsvqa_hr": (read_rsvqa_hr, YesNo),
-    "llava_questions": (read_llava_questions, GenerationVQA),
-}
+from flexvlm.evaluation import EvaluationProtocol
 
 
 def load_preprocessed(path: str, size: int, mean: Triple, std: Triple) -> dict[str, Tensor]:
@@ -48,8 +29,7 @@ class BenchmarkDataModule(_VQADataModule):
 
     def __init__(
         self,
-        benchmark: str,
-        reader_args: dict[str, Any],
+        benchmark: BenchmarkReader,
         tokenizer_path: str,
         template: ChatTemplate | None = None,
         protocol: EvaluationProtocol | None = None,
@@ -59,47 +39,48 @@ class BenchmarkDataModule(_VQADataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         limit: int | None = None,
+        on_bad_sample: BadSamplePolicy = "skip",
     ) -> None:
         """
         Args:
-            benchmark: one of ``BENCHMARKS``.
-            reader_args: keyword arguments of its reader in ``flexvlm.data.benchmarks`` (files and
-                folders; e.g. ``split`` for rsvqa_hr).
+            benchmark: its reader (``flexvlm.data.benchmarks``: ``TextVQA``, ``VStar``,
+                ``MagnifierBench``, ``RSVQAHR``, ``LlavaQuestions``, or any subclass of
+                ``BenchmarkReader`` by class_path), with its files and folders.
             tokenizer_path: a folder (or file) for ``load_tokenizer``.
             template: the chat template (default: LLaVA-1.5's Vicuna v1).
             protocol: how answers are scored (default: the benchmark's own).
             image_size: the model's high-res input side (zoom x the backbone's side).
             limit: only the first ``limit`` questions (a quick check).
+            on_bad_sample: ``skip`` (a question that cannot be asked is left out, recorded in the
+                run's skipped.jsonl and answers.jsonl) or ``error`` (stop; at setup for the
+                problems the reader finds).
         """
-        if benchmark not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARKS)}")
-        reader, default_protocol = BENCHMARKS[benchmark]
-        try:  # fail at construction, not after the model has been loaded
-            inspect.signature(reader).bind(**reader_args)
-        except TypeError as err:
-            params = ", ".join(inspect.signature(reader).parameters)
-            raise ValueError(f"reader_args of {benchmark!r}: {err}; {reader.__name__} takes {params}") from err
         super().__init__(load_tokenizer(tokenizer_path), template or VicunaV1Template(), eval_batch_size,
-                         eval_batch_size, num_workers)
-        self.save_hyperparameters(ignore=["template", "protocol"])
-        self.read = partial(reader, **reader_args)
-        self.protocol = protocol if protocol is not None else default_protocol()
+                         eval_batch_size, num_workers, on_bad_sample=on_bad_sample)
+        self.save_hyperparameters(ignore=["benchmark", "template", "protocol"])
+        self.benchmark = benchmark
+        self.protocol = protocol if protocol is not None else benchmark.protocol()
 
-    def _dataset(self, split: str) -> BenchmarkDataset | None:
+    def read_split(self, split: str) -> BenchmarkDataset | None:
         if split != "test":
             return None
         h = self.hparams
+        read, problems = self.benchmark.read()
+        items = []
+        for item in read[: h.limit]:
+            if Path(item.image_path).is_file():
+                items.append(item)
+            else:
+                problems.append(Problem(item.where, item.question_id, f"image not found: {item.image_path}",
+                                        "add the file or fix the image folder"))
         loader = partial(load_preprocessed, size=h.image_size, mean=h.mean, std=h.std)
-        return BenchmarkDataset(self.read()[: h.limit], loader)
+        return BenchmarkDataset(items, loader, problems)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
+    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
         trainer = self.trainer
-        if split not in self.splits or trainer is None or trainer.world_size == 1:
-            return super()._loader(split, shuffle)
+        if trainer is None or trainer.world_size == 1:
+            return super()._eval_sampler(dataset)
         # every question exactly once: Lightning's DistributedSampler would repeat some to even out the
         # shards, counting them twice in the scores
-        sampler = UnrepeatedDistributedSampler(self.splits[split], num_replicas=trainer.world_size,
-                                               rank=trainer.global_rank, shuffle=False)
-        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=self.collator)
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                            shuffle=False)

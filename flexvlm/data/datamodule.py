@@ -1,59 +1,26 @@
 """LightningDataModules: the built-in synthetic task and LLaVA-format instruction data."""
 
-import json
-from pathlib import Path
+from collections.abc import Callable
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from flexvlm.data.collate import VQACollator
-from flexvlm.data.image import CLIP_MEAN, CLIP_STD, load_image, preprocess_image
-from flexvlm.data.sampler import ResumableSampler
+from flexvlm.data.collate import SequenceLimits, VQACollator
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD
+from flexvlm.data.llava import LlavaInstructDataset, Triple
+from flexvlm.data.problems import (
+    BadSamplePolicy,
+    Problem,
+    SkipBadSamples,
+    check_policy,
+    problem_list,
+    raise_if_any,
+)
+from flexvlm.data.sampler import ResumableDataLoader, ResumableSampler
 from flexvlm.data.synthetic import WORDS, SyntheticVQA
 from flexvlm.data.templates import ChatTemplate, PlainTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import Tokenizer, WordTokenizer, load_tokenizer
-
-Triple = tuple[float, float, float]
-
-
-class LlavaInstructDataset(Dataset):
-    """A LLaVA-format JSON list of `{"id", "image", "conversations"}`; images only for now."""
-
-    def __init__(
-        self,
-        json_path: str | Path,
-        image_folder: str | Path,
-        image_size: int,
-        mean: Triple = CLIP_MEAN,
-        std: Triple = CLIP_STD,
-    ) -> None:
-        json_path = Path(json_path)
-        if not json_path.is_file():
-            raise FileNotFoundError(f"annotation file not found: {json_path}")
-        self.entries = json.loads(json_path.read_text())
-        missing = [str(e.get("id", i)) for i, e in enumerate(self.entries) if not e.get("image")]
-        if missing:
-            raise ValueError(
-                f"{json_path}: {len(missing)} entries have no image (first ids: {missing[:5]}); "
-                "text-only samples are not supported"
-            )
-        self.image_folder = Path(image_folder)
-        self.image_size, self.mean, self.std = image_size, mean, std
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> dict:
-        entry = self.entries[index]
-        image = load_image(self.image_folder / entry["image"])
-        tensor, content_box = preprocess_image(image, self.image_size, self.mean, self.std)
-        return {
-            "image": tensor,
-            "content_box": content_box,
-            "conversations": entry["conversations"],
-            "question_id": str(entry.get("id", index)),
-        }
-
 
 # which splits each Lightning stage needs (predict runs on the test split)
 STAGE_SPLITS = {
@@ -64,57 +31,86 @@ STAGE_SPLITS = {
 
 class _VQADataModule(L.LightningDataModule):
     """Dataloaders over train / val / test splits with the VQACollator; subclasses say how a
-    split's dataset is made (`_dataset`, None when the split is not configured)."""
+    split's dataset is read (`read_split`, None when the split is not configured).
+
+    Bad samples (``on_bad_sample``): a split's dataset may list, in ``problems``, the entries it
+    left out when it was read; ``error`` turns them into an error at setup, ``skip`` keeps them in
+    ``self.problems`` for the run to record. A sample that fails later (an image that does not
+    decode, a conversation that does not encode) stops the run under ``error``; under ``skip`` it is
+    left out of its batch, listed in the batch's ``skipped``.
+    """
 
     def __init__(
         self, tokenizer: Tokenizer, template: ChatTemplate, batch_size: int,
-        eval_batch_size: int | None, num_workers: int, seed: int = 0,
+        eval_batch_size: int | None, num_workers: int, seed: int = 0, on_bad_sample: BadSamplePolicy = "skip",
     ) -> None:
         super().__init__()
+        check_policy(on_bad_sample)
         self.tokenizer, self.template = tokenizer, template
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.on_bad_sample = on_bad_sample
+        # raises on a bad sample: for the protocols' own batches (flexvlm.evaluation)
         self.collator = VQACollator(tokenizer, template)
+        self.limits: SequenceLimits | None = None
         self.splits: dict[str, Dataset] = {}
+        self.problems: dict[str, list[Problem]] = {}
+        self.answered: Callable[[], set[str]] | None = None
         self.seed = seed
-        self.train_sampler: ResumableSampler | None = None
-        self._resume_state: dict | None = None
 
-    def _dataset(self, split: str) -> Dataset | None:
+    def read_split(self, split: str) -> Dataset | None:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         for split in STAGE_SPLITS[stage]:
-            if split not in self.splits and (dataset := self._dataset(split)) is not None:
+            if split not in self.splits and (dataset := self.read_split(split)) is not None:
+                problems = getattr(dataset, "problems", [])
+                if self.on_bad_sample == "error":
+                    raise_if_any(problems, f"the {split} split")
+                if problems:
+                    rank_zero_warn(f"the {split} split leaves out {len(problems)} bad samples "
+                                   f"(on_bad_sample: skip):\n{problem_list(problems)}")
+                self.problems[split] = problems
                 self.splits[split] = dataset
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
+    def fit_to_model(self, limits: SequenceLimits) -> None:
+        """What the model takes, from here on: sequences are cut to it, prompts checked against it."""
+        if self.tokenizer.vocab_size > limits.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} ids, the model's embedding {limits.vocab_size}: "
+                "ids beyond it would index past the embedding. Use the model's tokenizer "
+                "(data.init_args.tokenizer_path), or a model whose vocabulary covers it "
+                "(model.model.init_args.llm_overrides.vocab_size)")
+        self.limits = self.collator.limits = limits
+
+    def skip_answered(self, answered: Callable[[], set[str]]) -> None:
+        """The test loader leaves out the questions a restarted test has answered: ``answered()``,
+        asked when the loader is made (by then a checkpoint's weights are loaded)."""
+        self.answered = answered
+
+    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        return None  # Lightning's own
+
+    def _samples_done(self) -> int:
+        """How far the training epoch stands, in samples (a checkpoint saves it)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready * self.batch_size
+
+    def _loader(self, split: str, shuffle: bool, leave_out: set[str] | None = None) -> DataLoader | list:
         if split not in self.splits:
             return []  # Lightning skips a loop whose dataloader list is empty
-        sampler = None
+        dataset = self.splits[split]
+        if leave_out:
+            dataset = Subset(dataset, [i for i, q in enumerate(dataset.sample_ids()) if q not in leave_out])
+        skip = self.on_bad_sample == "skip"
+        collator = VQACollator(self.tokenizer, self.template, limits=self.limits, skip_bad=skip,
+                               generation=not shuffle)
+        kwargs = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collator)
+        dataset = SkipBadSamples(dataset) if skip else dataset
         if shuffle:
-            sampler = self.train_sampler = ResumableSampler(len(self.splits[split]), self.seed)
-            if self._resume_state is not None:
-                sampler.resume(**self._resume_state)
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collator,
-        )
-
-    def state_dict(self) -> dict:
-        """Saved in every checkpoint: where the training epoch stood, in samples."""
-        if self.trainer is None or self.train_sampler is None:
-            return {}
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {"epoch": self.trainer.current_epoch, "samples_done": done * self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_state = state or None
+            return ResumableDataLoader(dataset, ResumableSampler(len(dataset), self.seed), self._samples_done,
+                                       batch_size=self.batch_size, **kwargs)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=self._eval_sampler(dataset), **kwargs)
 
     def train_dataloader(self) -> DataLoader | list:
         return self._loader("train", shuffle=True)
@@ -123,7 +119,7 @@ class _VQADataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False, leave_out=self.answered() if self.answered else None)
 
     def predict_dataloader(self) -> DataLoader | list:
         return self._loader("test", shuffle=False)
@@ -156,7 +152,7 @@ class SyntheticVQADataModule(_VQADataModule):
         self.save_hyperparameters()
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 
-    def _dataset(self, split: str) -> SyntheticVQA:
+    def read_split(self, split: str) -> SyntheticVQA:
         h = self.hparams
         return SyntheticVQA(
             self.sizes[split], h.seed, image_size=h.image_size, patch_size=h.patch_size,
@@ -182,13 +178,17 @@ class LlavaDataModule(_VQADataModule):
         std: Triple = CLIP_STD,
         template: ChatTemplate | None = None,
         seed: int = 0,
+        on_bad_sample: BadSamplePolicy = "skip",
     ) -> None:
+        """``on_bad_sample``: ``skip`` (leave a bad sample out, recorded in the run's skipped.jsonl)
+        or ``error`` (stop, at setup for the problems found when the files are read)."""
         template = template or VicunaV1Template()
-        super().__init__(load_tokenizer(tokenizer_path), template, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(load_tokenizer(tokenizer_path), template, batch_size, eval_batch_size, num_workers, seed,
+                         on_bad_sample)
         self.save_hyperparameters(ignore=["template"])
         self.files = {"train": train_json, "val": val_json, "test": test_json}
 
-    def _dataset(self, split: str) -> LlavaInstructDataset | None:
+    def read_split(self, split: str) -> LlavaInstructDataset | None:
         if self.files[split] is None:
             return None
         h = self.hparams

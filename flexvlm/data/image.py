@@ -13,17 +13,46 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Box = tuple[float, float, float, float]
 
+# Below these an image holds no scene to look at: a side under MIN_IMAGE_SIDE pixels, or a side more
+# than MAX_ASPECT_RATIO times the other (padded to a square, its content is a thin strip of the view).
+MIN_IMAGE_SIDE = 8
+MAX_ASPECT_RATIO = 20
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; the error always names the file."""
+
+def size_defect(width: int, height: int) -> str | None:
+    """Why an image of this size is degenerate, or None."""
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return f"{width} x {height} pixels, under {MIN_IMAGE_SIDE} on a side"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return f"{width} x {height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}"
+    return None
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether the image has transparency, which the RGB conversion drops (as LLaVA's does)."""
+    return img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and decode an image file in its own mode; the error always names the file, and
+    degenerate sizes (``size_defect``) are errors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() decodes the whole file, so truncation shows here
+            img.load()  # decodes the whole file, so truncation shows here
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
+    defect = size_defect(*img.size)
+    if defect:
+        raise ValueError(f"degenerate image {path}: {defect}")
+    return img
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """``open_image`` as RGB."""
+    return open_image(path).convert("RGB")
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, Box]:

@@ -3,10 +3,10 @@ batches an uninterrupted one would have."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
@@ -34,3 +34,21 @@ class ResumableSampler(Sampler[int]):
         order = torch.randperm(self.num_samples, generator=generator)[self.skip :].tolist()
         self.skip = 0
         return iter(order)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader. Lightning saves its ``state_dict`` (where the epoch stood: ``position()``
+    samples of the sampler's epoch) with every checkpoint and hands it to ``load_state_dict`` when a
+    run resumes, before the first batch: ``resumable`` then starts where the checkpoint was. (Under
+    DDP, Lightning rebuilds the loader with its own ``sampler`` around ``resumable``.)"""
+
+    def __init__(self, dataset: Dataset, resumable: ResumableSampler, position: Callable[[], int], **kwargs) -> None:
+        kwargs.setdefault("sampler", resumable)
+        super().__init__(dataset, **kwargs)
+        self.resumable, self.position = resumable, position
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.resumable.epoch, "samples_done": self.position()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resumable.resume(**state)

@@ -229,6 +229,12 @@ class SyntheticVQA(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def sample_ids(self) -> list[str]:
+        return [self._sample_id(i) for i in range(self.num_samples)]
+
+    def _sample_id(self, index: int) -> str:
+        return f"synthetic-{self.split}-{self.seed}-{index}"
+
     def scene(self, index: int) -> Scene:
         return render_sample(
             self.seed,
@@ -252,7 +258,7 @@ class SyntheticVQA(torch.utils.data.Dataset):
             "question": scene.question,
             "answer": scene.answer,
             "answers": [scene.answer],
-            "question_id": f"synthetic-{self.split}-{self.seed}-{index}",
+            "question_id": self._sample_id(index),
             **aux_targets(scene.tiles, scene.query, self.image_size, self.patch_size, self.zoom),
         }
 

@@ -10,8 +10,9 @@ model sees at inference), whatever the tokenizer does at word boundaries.
 """
 
 from abc import ABC, abstractmethod
+from typing import Any
 
-from flexvlm.constants import IGNORE_INDEX
+from flexvlm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from flexvlm.data.tokenizer import Tokenizer
 
 Conversation = list[dict[str, str]]
@@ -52,6 +53,29 @@ class SequenceBuilder:
             self.ids.append(token_id)
             self.labels.append(token_id if target else IGNORE_INDEX)
         self._pieces = []
+
+
+def conversation_defect(conversation: Any) -> str | None:
+    """What makes a LLaVA conversation unusable, or None: not a non-empty list of turns with string
+    ``from`` / ``value``, text that is not valid Unicode (a lone surrogate, which no tokenizer
+    encodes), roles that do not alternate human / gpt from a human turn to a gpt one, more than one
+    image placeholder."""
+    if not isinstance(conversation, list) or not conversation:
+        return "'conversations' is missing or empty: a sample needs a human turn and a gpt reply"
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("from", "value")):
+            return f"turn {i} is not an object with string 'from' and 'value': {turn!r:.80}"
+        try:
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"turn {i}: text is not valid Unicode ({err.reason} at character {err.start})"
+    roles = [turn["from"] for turn in conversation]
+    if roles != [ROLES[i % 2] for i in range(len(roles))] or roles[-1] != "gpt":
+        return f"roles {roles}: turns must alternate human / gpt, from a human turn to a gpt reply"
+    images = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversation)
+    if images > 1:
+        return f"{images} {IMAGE_PLACEHOLDER} placeholders: one image a sample is supported"
+    return None
 
 
 def _check_turns(conversation: Conversation, last: str) -> None:
