@@ -32,7 +32,8 @@ from flexvlm.models.decoder import DecoderConfig, LanguageModel
 from flexvlm.models.gemma import Gemma, GemmaConfig
 from flexvlm.models.llm import Llama, LlamaConfig
 from flexvlm.models.qwen2 import Qwen2, Qwen2Config
-from flexvlm.models.vision import OpenClipBackbone, VisionBackbone, _listing, load_state_dict_strict, read_state_dict
+from flexvlm.models.vision import OpenClipBackbone, VisionBackbone
+from flexvlm.weights import listing, load_state_dict_strict, read_state_dict
 from flexvlm.selection import AttentionSelection, RandomSelection, SelectionStrategy
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def _take(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -
         part, new_prefix = prefixes[match]
         parts[part][new_prefix + name[len(match):]] = tensor
     if unclaimed:
-        raise ValueError(f"{source}: tensors of no known part:" + _listing("unclaimed", unclaimed))
+        raise ValueError(f"{source}: tensors of no known part:" + listing("unclaimed", unclaimed))
     return parts
 
 

@@ -1,7 +1,7 @@
 """Evaluation protocols (docs/method.md, section 8): how a benchmark's batch is answered and scored.
 
-A protocol gets the LightningModule (its ``model``, ``answer`` for greedy generation, ``tokenizer``
-and ``collator``) and a ``VQACollator`` batch. ``score`` updates the protocol's metric and returns
+A protocol gets an ``Answerer`` (the LightningModule, or a harness's adapter: its ``model``,
+``answer`` for greedy generation, ``tokenizer`` and ``collator``) and a ``VQACollator`` batch. ``score`` updates the protocol's metric and returns
 one record per sample for ``answers.jsonl``; ``compute`` gives the named numbers logged as
 ``<stage>/<name>``. Protocols are ``nn.Module``s so that their metric states follow the model to
 its device, where DDP sums them.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import string
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,23 @@ from flexvlm.metrics import (
 )
 
 if TYPE_CHECKING:
-    from flexvlm.lit_module import FlexVLMModule
+    from flexvlm.data.collate import VQACollator
+    from flexvlm.models.vlm import FlexVLM
 
 Record = dict[str, Any]
 Batch = dict[str, Any]
+
+
+class Answerer(Protocol):
+    """What a protocol uses of whoever holds the model: the LightningModule, or an evaluation
+    harness's adapter (flexvlm/integrations)."""
+
+    model: FlexVLM
+    tokenizer: Tokenizer
+    collator: VQACollator
+
+    def answer(self, batch: Batch) -> tuple[list[str], Tensor, dict[int, Tensor]]:
+        """Greedy answers to the batch's prompts, the HR fraction per sample, the prefill masks."""
 
 
 @dataclass
@@ -67,7 +80,7 @@ def gather_records(records: list[Record]) -> list[Record]:
     return [r for part in gathered for r in part]
 
 
-def _records(module: FlexVLMModule, batch: Batch, answers: list[str], fraction: Tensor,
+def _records(module: Answerer, batch: Batch, answers: list[str], fraction: Tensor,
              extras: list[Record]) -> list[Record]:
     prompts = prompt_texts(batch, module.tokenizer)
     return [
@@ -85,7 +98,7 @@ class EvaluationProtocol(nn.Module, ABC):
         self.metric = metric
 
     @abstractmethod
-    def score(self, module: FlexVLMModule, batch: Batch) -> Scored:
+    def score(self, module: Answerer, batch: Batch) -> Scored:
         """Answers the batch and updates the metric."""
 
     def compute(self) -> dict[str, Tensor]:
@@ -104,7 +117,7 @@ class _GeneratedAnswers(EvaluationProtocol):
     """Greedy answers from ``module.answer`` (the model's ``max_new_tokens`` and ``stop_strings``),
     judged by ``check``."""
 
-    def score(self, module: FlexVLMModule, batch: Batch) -> Scored:
+    def score(self, module: Answerer, batch: Batch) -> Scored:
         answers, fraction, masks = module.answer(batch)
         return Scored(_records(module, batch, answers, fraction, self.check(answers, batch)), fraction, masks)
 
@@ -189,7 +202,7 @@ class LikelihoodChoice(EvaluationProtocol):
     def __init__(self) -> None:
         super().__init__(LikelihoodChoiceAccuracy())
 
-    def score(self, module: FlexVLMModule, batch: Batch) -> Scored:
+    def score(self, module: Answerer, batch: Batch) -> Scored:
         counts = [len(options) for options in batch["options"]]
         # the collator renders each pair through the chat template, answer tokens as the labels
         pairs = module.collator([

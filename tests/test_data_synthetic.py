@@ -17,14 +17,13 @@ from flexvlm.data.synthetic import (
     DIGITS,
     GLYPHS,
     WORDS,
-    SyntheticAuxLoss,
     SyntheticVQA,
     draw_scene,
-    grounding_loss,
     layout_tiles,
     paint_glyph,
     render_sample,
 )
+from flexvlm.losses import SyntheticAuxLoss, grounding_loss
 
 HR_GRID, LR_GRID, ZOOM, PATCH = 12, 4, 3, 8
 

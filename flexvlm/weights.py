@@ -1,0 +1,65 @@
+"""Reading weight files and loading them strictly: the leaf that every loader of flexvlm uses
+(the vision towers, ``flexvlm.checkpoints``). Nothing here knows a model family."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import Tensor, nn
+
+__all__ = ["read_state_dict", "load_state_dict_strict", "listing"]
+
+_MAX_LISTED = 20  # names per category in a mismatch message; a full CLIP has hundreds
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from a safetensors file or a `torch.save` file (weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    if _is_torchscript(path):  # e.g. OpenAI's CLIP .pt files: not readable with weights_only=True
+        raise ValueError(
+            f"{path} is a TorchScript archive; convert it to a state dict once with "
+            f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'state_dict.pt')"
+        )
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
+    return state_dict
+
+
+def listing(title: str, lines: list[str]) -> str:
+    shown = lines[:_MAX_LISTED]
+    more = f"\n    ... and {len(lines) - len(shown)} more" if len(lines) > len(shown) else ""
+    return f"\n  {title} ({len(lines)}):\n    " + "\n    ".join(shown) + more
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Load `state_dict` into `module`; any missing, unexpected or mis-shaped tensor is an error."""
+    expected = module.state_dict()
+    missing = [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in state_dict]
+    unexpected = [f"{k} {tuple(v.shape)}" for k, v in state_dict.items() if k not in expected]
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        message = f"{source} does not match {type(module).__name__}:"
+        for title, lines in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
+            if lines:
+                message += listing(title, lines)
+        raise ValueError(message)
+    module.load_state_dict(state_dict)
