@@ -35,9 +35,9 @@ test: .venv/installed .venv/lmms/installed
 test-slow: .venv/installed
 	$(PY) -m pytest -q -m slow
 
-# every synthetic experiment at the same budget -> $(SYNTHETIC)/results/results.{csv,md}
+# every synthetic experiment trained from scratch in one stage -> runs/sweep/results.{csv,md}, accuracy_vs_flops.png
 sweep: .venv/installed
-	$(PY) -m flexvlm.sweep $(SYNTHETIC) $(EVALS) --jobs 2 --out $(SYNTHETIC)/results \
+	$(PY) -m flexvlm.sweep $(SYNTHETIC) $(EVALS) --jobs 2 --out runs/sweep \
 		--extra --data.init_args.num_workers 1 \
 		--trainer.enable_progress_bar false
 

@@ -621,7 +621,8 @@ def _release_arguments(extra: dict, tower_size: int, source: str) -> dict[str, A
         problems.append(f"extra highres_size {high_res}: flexvlm's high-res image is zoom_ratio x lowres_size, "
                         f"{zoom * low_res}")
     _raise_mismatches(problems, source, "model flexvlm builds")
-    return {"num_sa_layers": _RELEASE_SA_LAYERS, "zoom": zoom, "selection": _release_selection(extra, source)}
+    return {"num_sa_layers": _RELEASE_SA_LAYERS, "zoom": zoom, "selection": _release_selection(extra, source),
+            "margin_rule": "release"}
 
 
 def _llava_config(folder: Path) -> dict:

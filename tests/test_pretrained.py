@@ -107,6 +107,7 @@ def test_released_checkpoint_settings_land_where_they_should(release):
     selection = model.selection
     assert type(selection) is AttentionSelection
     assert (selection.threshold, selection.block_grid, selection.whole_blocks) == (40, 9, True)
+    assert model.margin_rule == "release"
     assert model.encoder.backbone.frozen and model.encoder.backbone.block_index == 1  # layer -2 of 3 blocks
     for i in model.flex_layers:
         attn = model.llm.layers[i].self_attn
@@ -115,9 +116,9 @@ def test_released_checkpoint_settings_land_where_they_should(release):
             assert torch.equal(getattr(attn, f"{which}_hr_proj").weight, released)
 
 
-def _by_hand(release, whole_blocks: bool) -> FlexVLM:
+def _by_hand(release, whole_blocks: bool, margin_rule: str = "release") -> FlexVLM:
     """The released weights in a model whose every setting is written out: the loaders of
-    tests/test_checkpoints.py, the release's N_SA, zoom and threshold rule on 9 x 9 blocks."""
+    tests/test_checkpoints.py, the release's N_SA, zoom, threshold rule on 9 x 9 blocks and margin."""
     return FlexVLM(
         _backbone(image=RELEASE_IMAGE), llm="tiny", mode="flex", num_sa_layers=9, zoom=3,
         llm_overrides=dict(vocab_size=131, hidden_size=32, intermediate_size=64, num_layers=11, num_heads=4,
@@ -125,6 +126,7 @@ def _by_hand(release, whole_blocks: bool) -> FlexVLM:
                            max_position_embeddings=96),
         selection=AttentionSelection(threshold=40, block_grid=9, whole_blocks=whole_blocks),
         pretrained=PretrainedWeights(llava=str(release["folder"]), vision=str(release["clip"])),
+        margin_rule=margin_rule,
     ).eval()
 
 
@@ -233,6 +235,7 @@ def test_checkpoint_without_extra_gets_the_default_flex_model(hf):
     model = FlexVLM.from_pretrained(str(hf["root"] / "llava-hf"), pretrained=None)
     assert model.mode == "flex" and model.num_sa_layers == 1 and model.encoder.zoom == 3  # FlexVLM's defaults
     assert type(model.selection) is AttentionSelection and not model.selection.whole_blocks
+    assert model.margin_rule == "centre"
 
 
 def test_partial_text_config_takes_transformers_defaults():

@@ -189,3 +189,19 @@ def test_readme_plugin_example_runs():
     expected = torch.zeros(12, 12, dtype=torch.bool)
     expected[6:9, 3:6] = True
     assert torch.equal(mask[0, 0], expected)
+
+
+def test_margin_rules_on_a_padded_image_are_hand_computed():
+    """A 10 x 7 image padded to 10 x 10: 1 px of padding on top, 2 below (top 0.1, bottom 0.8)."""
+    box = torch.tensor([[0.1, 0.0, 0.8, 1.0]])
+    rows = lambda grid: grid[0, :, 0].nonzero().flatten().tolist()  # noqa: E731
+    # centre rule on 24 rows: a row counts when (r + 0.5) / 24 lies in [0.1, 0.8): rows 2 .. 18
+    assert rows(valid_grid(box, 24)) == list(range(2, 19))
+    # the release: floor(24 x 0.1) = 2 rows off at both ends, whatever the far margin: rows 2 .. 21
+    assert rows(valid_grid(box, 24, "release")) == list(range(2, 22))
+    assert valid_grid(box, 24, "release")[0, 2].all()  # columns untouched: no horizontal padding
+    # a square margin the two rules agree on: 1/4 of 24 cells is exactly 6 (floor must not give 5)
+    quarter = torch.tensor([[0.25, 0.0, 0.75, 1.0]])
+    assert rows(valid_grid(quarter, 24, "release")) == rows(valid_grid(quarter, 24)) == list(range(6, 18))
+    with pytest.raises(ValueError, match="unknown margin rule"):
+        valid_grid(box, 24, "middle")

@@ -29,6 +29,7 @@ from flexvlm.models.flex_attention import (
 from flexvlm.models.projector import build_projector
 from flexvlm.models.vision import VisionBackbone
 from flexvlm.selection import SelectionStrategy, build_selection, valid_grid
+from flexvlm.selection.base import MARGIN_RULES
 
 MODES = ("lr_only", "hd", "xattn", "flex")
 
@@ -78,6 +79,7 @@ class FlexVLM(nn.Module):
         gradient_checkpointing: bool = False,
         pretrained: PretrainedWeights | None = None,
         flex_impl: str = "fused",
+        margin_rule: str = "centre",
     ) -> None:
         """``llm``: the decoder, any family's ``LanguageModel`` (in a YAML by ``class_path`` and
         ``init_args``, as the backbone), or the name of a preset (``flexvlm.models.families``), whose
@@ -90,13 +92,17 @@ class FlexVLM(nn.Module):
         once its tensors are materialised.
         ``flex_impl``: ``fused`` (only the selecting rows and their selected tokens cost extra) or
         ``release`` (every row scores every HR key through a mask, as the authors' training; the same
-        result, kept as a baseline for the benchmarks)."""
+        result, kept as a baseline for the benchmarks). ``margin_rule``: which low-res cells of a
+        padded image count as border, out of the selecting maps (``flexvlm.selection.valid_grid``:
+        ``centre``, or the authors' ``release``, which the released checkpoint's path uses)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
         if flex_impl not in FLEX_IMPLS:
             raise ValueError(f"unknown flex_impl {flex_impl!r}; valid: {list(FLEX_IMPLS)}")
-        self.mode, self.flex_impl = mode, flex_impl
+        if margin_rule not in MARGIN_RULES:
+            raise ValueError(f"unknown margin_rule {margin_rule!r}; valid: {list(MARGIN_RULES)}")
+        self.mode, self.flex_impl, self.margin_rule = mode, flex_impl, margin_rule
         if isinstance(llm, str):
             family, self.config = preset(llm, **(llm_overrides or {}))
         elif llm_overrides:
@@ -224,7 +230,8 @@ class FlexVLM(nn.Module):
         cos, sin = self.llm.rope(positions.gather(1, lr_index), hr_tokens.dtype)
         hr_cos, hr_sin = interpolate_rope(cos, sin, g, hr_grid)
         return HighResState(
-            hr_tokens, hr_cos, hr_sin, lr_index, valid_grid(content_box, g), valid_grid(content_box, hr_grid),
+            hr_tokens, hr_cos, hr_sin, lr_index, valid_grid(content_box, g, self.margin_rule),
+            valid_grid(content_box, hr_grid),
             self.selection, dense=self.mode == "xattn", alpha=alpha, kv_mode=kv_mode, map_grad=map_grad,
         )
 

@@ -136,12 +136,28 @@ class Budget:
         return (torch.arange(int(count.max()), device=count.device) < count[:, None]).unsqueeze(1)
 
 
-def valid_grid(content_box: Tensor, grid: int) -> Tensor:
+MARGIN_RULES = ("centre", "release")
+
+
+def valid_grid(content_box: Tensor, grid: int, rule: str = "centre") -> Tensor:
     """(B, 4) content boxes (top, left, bottom, right as fractions of the padded square) -> (B, grid,
-    grid) bool. The margin rule: a row / column of cells counts as border when its centre lies in
-    the padding, so a cell that is mostly image stays selectable."""
-    centres = (torch.arange(grid, device=content_box.device, dtype=content_box.dtype) + 0.5) / grid
+    grid) bool: the cells that are not padding border.
+
+    ``centre``: a row / column of cells is border when its centre lies in the padding, so a cell
+    that is mostly image stays selectable. ``release``: the authors' release, which marks
+    floor(grid x top margin) rows (or columns) as border at both ends of the padded axis, the
+    larger far margin of an odd padding included."""
+    if rule not in MARGIN_RULES:
+        raise ValueError(f"unknown margin rule {rule!r}; valid: {list(MARGIN_RULES)}")
+    index = torch.arange(grid, device=content_box.device, dtype=content_box.dtype)
     top, left, bottom, right = (content_box[:, i, None] for i in range(4))
-    rows = (centres >= top) & (centres < bottom)
-    cols = (centres >= left) & (centres < right)
+    if rule == "release":
+        # the small epsilon keeps floor() exact where grid x margin is a whole number in float32
+        rows_out, cols_out = (torch.floor(grid * margin + 1e-4) for margin in (top, left))
+        rows = (index >= rows_out) & (index < grid - rows_out)
+        cols = (index >= cols_out) & (index < grid - cols_out)
+    else:
+        centres = (index + 0.5) / grid
+        rows = (centres >= top) & (centres < bottom)
+        cols = (centres >= left) & (centres < right)
     return rows.unsqueeze(-1) & cols.unsqueeze(-2)
