@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexvlm.models.decoder import DecoderConfig, LanguageModel
-from flexvlm.models.llm import llama_stack
+from flexvlm.models.llm import RMSNorm, llama_stack
 
 gelu_tanh = partial(F.gelu, approximate="tanh")
 
@@ -41,22 +40,14 @@ class GemmaConfig(DecoderConfig):
     }
 
 
-class GemmaRMSNorm(nn.Module):
-    """RMSNorm in float32 scaled by (1 + weight), the weight starting at zero."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.eps = eps
-        self.reset_parameters()
+class GemmaRMSNorm(RMSNorm):
+    """RMSNorm scaled by (1 + weight) in float32, the weight starting at zero."""
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).type_as(x)
+        return (self.normalised(x) * (1.0 + self.weight.float())).type_as(x)
 
 
 class Gemma(LanguageModel):

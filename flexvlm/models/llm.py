@@ -49,11 +49,13 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # normalise in float32 as LLaMA does, then cast back
+    def normalised(self, x: Tensor) -> Tensor:
+        """``x`` over its root mean square, in float32 (as LLaMA and Gemma compute it)."""
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * self.normalised(x).to(x.dtype)  # cast back before the scale, as LLaMA
 
 
 class Attention(DecoderAttention):
