@@ -10,10 +10,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import operator
 import re
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import lightning as L
 import torch
@@ -23,18 +22,38 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from flexvlm.lit_module import FlexVLMModule
+from flexvlm.models.vision import VisionBackbone
 from flexvlm.run_files import AtomicCheckpointIO, keep_log_before_resume
 
-# (source, target) pairs: the model's value wins over any other given to its other users, from any
-# YAML or the command line (a link is skipped where the classes configured lack either key)
+# values the model decides and their other users must agree on, from any YAML or the command line:
+# the zoom, and what the backbone decides (the data's patch size, image size and normalisation, the
+# width of the auxiliary objective's input); (attribute, target) pairs, a link skipped where the
+# class configured lacks the target
 MODEL = "model.model.init_args"
-LINKS = [
-    (f"{MODEL}.zoom", "data.init_args.zoom"),
-    (f"{MODEL}.backbone.init_args.patch_size", "data.init_args.patch_size"),
-    (f"{MODEL}.backbone.init_args.embed_dim", "model.aux_objective.init_args.embed_dim"),
+BACKBONE_LINKS = [
+    ("patch_size", "data.init_args.patch_size"),
+    ("mean", "data.init_args.mean"),
+    ("std", "data.init_args.std"),
+    ("embed_dim", "model.aux_objective.init_args.embed_dim"),
 ]
-# the high-res image side the data must produce: zoom x the backbone's input side
-IMAGE_SIZE_LINK = ((f"{MODEL}.zoom", f"{MODEL}.backbone.init_args.image_size"), "data.init_args.image_size")
+
+
+def backbone_on_meta(spec: Namespace) -> VisionBackbone:
+    """The backbone a config names, built on the meta device (no memory, no weights read), for the
+    values it derives itself, e.g. a timm tower's patch size from its ``model_kwargs``."""
+    cls = getattr(importlib.import_module(spec.class_path.rpartition(".")[0]), spec.class_path.rpartition(".")[2])
+    init_args = {k: v for k, v in vars(spec.get("init_args") or Namespace()).items() if k != "checkpoint_path"}
+    with torch.device("meta"):
+        return cls(**init_args)
+
+
+def _backbone_attribute(name: str) -> Callable[[Namespace], Any]:
+    return lambda spec: getattr(backbone_on_meta(spec), name)
+
+
+def _high_res_size(zoom: int, spec: Namespace) -> int:
+    """The high-res image side the data must produce: zoom x the backbone's input side."""
+    return zoom * backbone_on_meta(spec).image_size
 
 
 def _valid_keys(parser: LightningArgumentParser, message: str) -> tuple[str, list[str]] | None:
@@ -88,10 +107,11 @@ class FlexVLMCLI(LightningCLI):
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU threads of torch's operators (None: torch's default); results depend "
                                  "on it, as the order of floating-point sums does, so a reproducible run pins it")
-        for source, target in LINKS:
-            parser.link_arguments(source, target)
-        sources, target = IMAGE_SIZE_LINK
-        parser.link_arguments(sources, target, compute_fn=operator.mul)
+        parser.link_arguments(f"{MODEL}.zoom", "data.init_args.zoom")
+        for attribute, target in BACKBONE_LINKS:
+            parser.link_arguments(f"{MODEL}.backbone", target, compute_fn=_backbone_attribute(attribute))
+        parser.link_arguments((f"{MODEL}.zoom", f"{MODEL}.backbone"), "data.init_args.image_size",
+                              compute_fn=_high_res_size)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

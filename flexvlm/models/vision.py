@@ -1,4 +1,5 @@
-"""Vision backbones that return the patch tokens of one transformer layer.
+"""Vision backbones that return the patch tokens of one transformer layer, or the positions of one
+stage's feature map of a convolutional network.
 
 Every backbone maps normalised images (B, 3, H, W) to row-major patch tokens (B, H/p * W/p, C),
 without class or other prefix tokens. Any H, W that are multiples of the patch size work: the
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from flexvlm.weights import load_state_dict_strict, read_state_dict
 
-__all__ = ["VisionBackbone", "TimmBackbone", "OpenClipBackbone", "PatchMLPBackbone"]
+__all__ = ["VisionBackbone", "TimmBackbone", "TimmFeatureMapBackbone", "OpenClipBackbone", "PatchMLPBackbone"]
 
 def _block_index(layer: int, depth: int) -> int:
     """Python-style (negative counts from the end) index into `depth` blocks, as a positive index."""
@@ -118,6 +119,47 @@ class TimmBackbone(VisionBackbone):
             images, indices=[self.block_index], intermediates_only=True, output_fmt="NLC", stop_early=True
         )
         return tokens
+
+
+class TimmFeatureMapBackbone(VisionBackbone):
+    """A timm convolutional network (ConvNeXt, ResNet, ...) whose feature map at one stage is the
+    token grid: a position of the (H/r, W/r) map is a token, r the stage's reduction, which plays
+    the patch size. No position embeddings: padding and the receptive field place a token.
+
+    `stage` indexes the network's `feature_info` (negative counts from the end); `image_size` is
+    the input size the low-res image and every high-res crop are resized to. `checkpoint_path`
+    holds a state dict of the timm model itself; the stages after `stage` and the head are dropped.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        stage: int = 1,
+        image_size: int = 224,
+        frozen: bool = False,
+        checkpoint_path: str | Path | None = None,
+        model_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **(model_kwargs or {}))
+        if checkpoint_path is not None:
+            load_state_dict_strict(self.model, read_state_dict(checkpoint_path), str(checkpoint_path))
+        self.stage = _block_index(stage, len(self.model.feature_info))
+        self.model.prune_intermediate_layers([self.stage], prune_norm=True, prune_head=True)
+        info = self.model.feature_info[self.stage]
+        if image_size % info["reduction"]:
+            raise ValueError(f"image_size {image_size} is not a multiple of stage {stage}'s reduction {info['reduction']}")
+        self.image_size, self.patch_size, self.embed_dim = image_size, info["reduction"], info["num_chs"]
+        self.mean = tuple(self.model.pretrained_cfg["mean"])
+        self.std = tuple(self.model.pretrained_cfg["std"])
+        if frozen:
+            self.freeze()
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        (feature_map,) = self.model.forward_intermediates(
+            images, indices=[self.stage], intermediates_only=True, output_fmt="NCHW", stop_early=True
+        )
+        return feature_map.flatten(2).transpose(1, 2)
 
 
 class OpenClipBackbone(VisionBackbone):
