@@ -16,13 +16,14 @@ from typing import Any, Callable, NoReturn
 
 import lightning as L
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from flexvlm.lit_module import FlexVLMModule
 from flexvlm.models.vision import VisionBackbone
+from flexvlm.models.vlm import FlexVLM
 from flexvlm.run_files import AtomicCheckpointIO, keep_log_before_resume
 
 # values the model decides and their other users must agree on, from any YAML or the command line:
@@ -107,6 +108,9 @@ class FlexVLMCLI(LightningCLI):
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU threads of torch's operators (None: torch's default); results depend "
                                  "on it, as the order of floating-point sums does, so a reproducible run pins it")
+        parser.add_argument("--empty_init", type=bool, default=False,
+                            help="build the model on the meta device (no memory, no weights read); the "
+                                 "LightningModule's configure_model gives it its tensors on the Trainer's device")
         parser.link_arguments(f"{MODEL}.zoom", "data.init_args.zoom")
         for attribute, target in BACKBONE_LINKS:
             parser.link_arguments(f"{MODEL}.backbone", target, compute_fn=_backbone_attribute(attribute))
@@ -119,6 +123,24 @@ class FlexVLMCLI(LightningCLI):
             torch.set_num_threads(config.threads)
         if self.subcommand == "fit" and config.get("ckpt_path"):
             _resume_in_checkpoint_folder(config)
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, except that with ``empty_init`` the model alone is built on the meta device
+        (the data, the objective, the metrics and the callbacks keep real tensors); the config saved
+        with the run stays the one given."""
+        config = self.config
+        if (config[self.subcommand] if self.subcommand else config).get("empty_init"):
+            config = config.clone()
+            group = (config[self.subcommand] if self.subcommand else config).model
+            parser = ArgumentParser()
+            parser.add_argument("--model", type=FlexVLM)
+            with torch.device("meta"):
+                group.model = parser.instantiate_classes(Namespace(model=group.model)).model
+        self.config_init = self.parser.instantiate_classes(config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.trainer = self.instantiate_trainer()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []

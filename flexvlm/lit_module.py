@@ -91,7 +91,7 @@ class FlexVLMModule(L.LightningModule):
         self.model = model
         self.aux_objective = aux_objective
         self.stop_strings = stop_strings or []
-        if init_from is not None:
+        if init_from is not None and not model.is_meta:  # else once materialised, in configure_model
             load_run_weights(self.model, aux_objective, init_from)
         self._freeze(freeze or [])
         self.protocol: EvaluationProtocol = GenerationVQA()
@@ -105,6 +105,18 @@ class FlexVLMModule(L.LightningModule):
         self._folder = Path(".")  # the run folder, known at setup
         self._skip_log: SkipLog | None = None
         self._answer_log: AnswerLog | None = None
+
+    def configure_model(self) -> None:
+        """A model built on the meta device (``--empty_init true``) gets its tensors here, on the
+        Trainer's device (CPU without a Trainer, e.g. in ``load_from_checkpoint``): each process builds
+        nothing on the host first. Then ``init_from``'s weights, if named. A model with tensors is left
+        as it is, so Lightning may call this more than once."""
+        if not self.model.is_meta:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.model.materialize(device)
+        if self.hparams.init_from is not None:
+            load_run_weights(self.model, self.aux_objective, self.hparams.init_from)
 
     def _freeze(self, prefixes: list[str]) -> None:
         names = [name for name, _ in self.model.named_parameters()]

@@ -19,7 +19,9 @@ The seed sets ``seed_everything`` (initialisation) and the training order
 subprocess of ``python -m flexvlm fit``, in ``<save_dir>/<study>/<mode>/seed<k>``; a run whose
 folder holds its result is reused, so an interrupted protocol picks up where it stopped. The
 results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
-the schedule choice and the targets).
+the schedule choice and the targets). A stage-2 row also has the FLOPs of a whole greedy generation
+per sample (first test batch, the run's final weights; counted once, also for a run finished before)
+and the run's wall time (training and test, as a subprocess).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from flexvlm.sweep import run_command
+from flexvlm.sweep import build_quietly, run_command, trained_cost
 
 STAGE1 = "stage1"
 
@@ -91,17 +93,22 @@ class Protocol:
             raise ValueError("protocol needs at least one seed")
 
 
-def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bool) -> float:
-    """One training run (``fit``, then ``test`` when asked) into ``folder``; -> wall seconds."""
+def _cli_args(configs: list[str], folder: Path, seed: int, extra: list[str]) -> list[str]:
+    """The CLI arguments of a run of ``configs`` with ``seed``, logging into ``folder``."""
     args = [a for c in configs for a in ("--config", str(Path(c).resolve()))]
-    args += [
+    return args + [
         "--seed_everything", str(seed), "--data.init_args.shuffle_seed", str(seed),
         "--trainer.logger.init_args.save_dir", str(folder.parent.parent.resolve()),
         "--trainer.logger.init_args.name", folder.parent.name,
-        "--trainer.logger.init_args.version", folder.name,
-        "--trainer.enable_progress_bar", "false", "--test_after_fit", str(test).lower(), *extra,
+        "--trainer.logger.init_args.version", folder.name, *extra,
     ]
-    command = [sys.executable, "-m", "flexvlm", "fit", *args]
+
+
+def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bool) -> float:
+    """One training run (``fit``, then ``test`` when asked) into ``folder``; -> wall seconds."""
+    args = _cli_args(configs, folder, seed, extra)
+    command = [sys.executable, "-m", "flexvlm", "fit", *args, "--trainer.enable_progress_bar", "false",
+               "--test_after_fit", str(test).lower()]
     folder.mkdir(parents=True, exist_ok=True)
     print(f"[protocol] {folder}: {' '.join(command)}", flush=True)
     start = time.monotonic()
@@ -155,8 +162,13 @@ class Runner:
             else:
                 result["val_accuracy"] = _last_value(folder, "val/accuracy")
             done.write_text(json.dumps(result))
-        return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
-                **json.loads(done.read_text())}
+        result = json.loads(done.read_text())
+        if test and "mflops_per_sample" not in result:  # counted once, also for runs finished before
+            cli = build_quietly(_cli_args([p.base, *study.files, p.mode_file(mode), p.stage2], folder, seed,
+                                          p.candidates[schedule]))
+            result["mflops_per_sample"] = trained_cost(cli, folder / "checkpoints" / "last.ckpt")["mflops_per_sample"]
+            done.write_text(json.dumps(result))
+        return {"study": study.name, "config": name, "seed": seed, "schedule": schedule, **result}
 
     def choose_schedule(self) -> tuple[str, list[dict]]:
         """The candidate with the best mean final validation accuracy over the schedule modes."""
@@ -188,7 +200,8 @@ class Runner:
 
     def write(self, report: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        columns = ["study", "config", "seed", "schedule", "accuracy", "hr_fraction", "val_accuracy", "wall_s"]
+        columns = ["study", "config", "seed", "schedule", "accuracy", "hr_fraction", "mflops_per_sample",
+                   "val_accuracy", "wall_s"]
         with open(self.out / "runs.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
@@ -206,9 +219,12 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
     for key, group in groups.items():
         acc = [r["accuracy"] for r in group]
         hr = [r["hr_fraction"] for r in group if r["hr_fraction"] is not None]
+        flops = [r["mflops_per_sample"] for r in group if r.get("mflops_per_sample") is not None]
         summary[key] = {
             "accuracy": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "hr_fraction": statistics.mean(hr) if hr else None, "seeds": len(group),
+            "mflops_per_sample": statistics.mean(flops) if flops else None,
+            "wall_s": statistics.mean(r["wall_s"] for r in group),
         }
     return summary
 
@@ -251,10 +267,13 @@ def markdown(report: dict, protocol: Protocol) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {statistics.mean(vals):.3f} |")
         lines.append("")
     lines += [f"Test accuracy, mean +- std over seeds {seeds}:", "",
-              "| study | config | accuracy | HR fraction | seeds |", "|---|---|---|---|---|"]
+              "| study | config | accuracy | HR fraction | MFLOPs / sample | wall s | seeds |",
+              "|---|---|---|---|---|---|---|"]
     for (study, config), s in report["summary"].items():
         hr = "-" if s["hr_fraction"] is None else f"{s['hr_fraction']:.3f}"
-        lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {s['seeds']} |")
+        flops = "-" if s["mflops_per_sample"] is None else f"{s['mflops_per_sample']:.2f}"
+        lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {flops} "
+                     f"| {s['wall_s']:.0f} | {s['seeds']} |")
     if report["targets"]:
         lines += ["", "| target | measured (means) | holds? |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in report["targets"]]

@@ -208,26 +208,40 @@ def _measure(run: Run, args: argparse.Namespace) -> dict:
             config.pop("ckpt_path", None)
             stripped.append(str(Path(tmp) / f"{i}.yaml"))
             Path(stripped[-1]).write_text(yaml.safe_dump(config))
-        with warnings.catch_warnings():  # LightningCLI warns that this process has its own argv
-            warnings.simplefilter("ignore")
-            cli = cli_main(Run(stripped, run.overrides, run.seed).cli_args(args.base, args.extra), run=False)
+        cli = build_quietly(Run(stripped, run.overrides, run.seed).cli_args(args.base, args.extra))
     log_dir = Path(cli.trainer.log_dir)
     metrics = json.loads((log_dir / "metrics.json").read_text())
     wall = (log_dir / "metrics.json").stat().st_mtime - (log_dir / "config.yaml").stat().st_mtime
-    ckpt = run.checkpoint() or log_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cost = trained_cost(cli, Path(run.checkpoint() or log_dir / "checkpoints" / "last.ckpt"))
+    return {
+        "config": run.config, "seed": run.seed, **cost,
+        "accuracy": round(metrics.get("test/accuracy", float("nan")), 4),
+        "hr_fraction": round(metrics.get("test/hr_fraction", 1.0 if cost["mode"] in ("hd", "xattn") else 0.0), 4),
+        "wall_s": round(wall),
+    }
+
+
+def build_quietly(cli_args: list[str]) -> Any:
+    """The LightningCLI of a run's arguments, nothing run (its warning that this process has its own
+    command line silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cli_main(cli_args, run=False)
+
+
+def trained_cost(cli: Any, checkpoint: Path) -> dict:
+    """What a trained run costs: the FLOPs of a whole greedy generation per sample on the first test
+    batch, with the checkpoint's weights (attention selection depends on them); its mode, selection
+    strategy and training steps."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cli.model.load_state_dict(state["state_dict"])
     cli.datamodule.setup("test")
     batch = next(iter(cli.datamodule.test_dataloader()))
     model = cli.model.model.eval()
     flops = generation_flops(model, batch, cli.model.hparams.max_new_tokens, cli.datamodule.tokenizer.eos_id)
     selection = type(model.selection).__name__ if model.selection is not None else "-"
-    return {
-        "config": run.config, "seed": run.seed, "mode": model.mode, "selection": selection,
-        "accuracy": round(metrics.get("test/accuracy", float("nan")), 4),
-        "hr_fraction": round(metrics.get("test/hr_fraction", 1.0 if model.mode in ("hd", "xattn") else 0.0), 4),
-        "mflops_per_sample": round(flops / 1e6, 2), "train_steps": state["global_step"], "wall_s": round(wall),
-    }
+    return {"mode": model.mode, "selection": selection, "mflops_per_sample": round(flops / 1e6, 2),
+            "train_steps": state["global_step"]}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

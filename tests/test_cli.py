@@ -158,6 +158,25 @@ def test_model_values_reach_every_user(where, tmp_path):
     assert torch.isfinite(out.loss) and cli.model._aux_loss(out, batch).isfinite()
 
 
+TOWERS = sorted((ROOT / "experiments" / "synthetic" / "towers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("tower", TOWERS, ids=lambda p: p.stem)
+def test_every_tower_config_gives_the_data_and_objective_its_own_geometry(tmp_path, tower):
+    """Whatever the tower (its patch size in timm's model_kwargs, a conv stage's reduction, open_clip's
+    vision_cfg), the data is drawn at zoom x its input size on its patch grid, normalised with its
+    mean / std, and the auxiliary objective reads its width; a training batch gives a finite loss."""
+    cli = main(["--config", BASE, "--config", str(tower), *_small(tmp_path)], run=False)
+    backbone, data = cli.model.model.encoder.backbone, cli.datamodule.hparams
+    assert (data.patch_size, data.image_size) == (backbone.patch_size, data.zoom * backbone.image_size)
+    assert (tuple(data.mean), tuple(data.std)) == (tuple(backbone.mean), tuple(backbone.std))
+    assert cli.model.aux_objective.lr_colour.in_features == backbone.embed_dim
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    out = cli.model._forward(batch)
+    assert torch.isfinite(out.loss) and cli.model._aux_loss(out, batch).isfinite()
+
+
 def test_unknown_strategy_name_lists_the_registered_ones(tmp_path):
     with pytest.raises(ValueError, match="valid names: .*attention.*center.*random"):
         main(["--config", BASE, *_small(tmp_path), "--model.model.init_args.selection", "atention"], run=False)

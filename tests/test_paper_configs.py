@@ -24,8 +24,9 @@ SYNTHETIC = ROOT / "configs" / "synthetic.yaml"
 PAPER = ROOT / "experiments" / "paper"
 RELEASE_TRAINING = PAPER / "llava-1.5-7b-flexattn.yaml"
 RELEASED = PAPER / "llava-1.5-7b-flexattn-released.yaml"
-# not LightningCLI configs: lmms-eval task files (with `!function` tags) and the protocol's own file
-NOT_CLI = [ROOT / "configs" / "lmms_eval", ROOT / "experiments" / "synthetic" / "protocol" / "protocol.yaml"]
+# not LightningCLI configs: lmms-eval task files (with `!function` tags) and the protocol runner's files
+NOT_CLI = [ROOT / "configs" / "lmms_eval", *(ROOT / "experiments" / "synthetic" / "protocol" / f"{name}.yaml"
+                                            for name in ("protocol", "axes"))]
 
 
 def cli_stack(path: Path) -> tuple[str, list[Path]]:

@@ -16,10 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ROOT / "experiments" / "synthetic"
 
 
-def test_the_shipped_protocol_names_existing_configs():
+def test_the_shipped_protocols_name_existing_configs():
     protocol = Protocol.load(SYNTHETIC / "protocol" / "protocol.yaml")  # check() runs in load
     assert len(protocol.seeds) >= 3
     assert protocol.targets["study"] == protocol.studies[0].name
+    axes = Protocol.load(SYNTHETIC / "protocol" / "axes.yaml")
+    towers = {Path(f).stem for s in axes.studies for f in s.files if "/towers/" in f}
+    sizes = {Path(f).stem for s in axes.studies for f in s.files if "/sizes/" in f}
+    assert towers == {p.stem for p in (SYNTHETIC / "towers").glob("*.yaml")} and len(towers) >= 5
+    assert sizes == {p.stem for p in (SYNTHETIC / "sizes").glob("*.yaml")} and len(sizes) >= 3
 
 
 def test_protocol_errors_name_the_problem(tmp_path):
@@ -33,17 +38,21 @@ def test_protocol_errors_name_the_problem(tmp_path):
         Protocol.load(tmp_path / "missing.yaml")
 
 
-def _row(config, seed, accuracy, hr=None):
-    return {"study": "main", "config": config, "seed": seed, "accuracy": accuracy, "hr_fraction": hr}
+def _row(config, seed, accuracy, hr=None, wall=10, mflops=None):
+    return {"study": "main", "config": config, "seed": seed, "accuracy": accuracy, "hr_fraction": hr,
+            "wall_s": wall, "mflops_per_sample": mflops}
 
 
 def test_summary_is_the_mean_and_sample_std_over_seeds():
-    rows = [_row("flex", 0, 0.9, 0.1), _row("flex", 1, 0.8, 0.2), _row("flex", 2, 0.7, 0.15), _row("hd", 0, 1.0)]
+    rows = [_row("flex", 0, 0.9, 0.1, 10, 2.0), _row("flex", 1, 0.8, 0.2, 20, 3.0), _row("flex", 2, 0.7, 0.15, 30, 4.0),
+            _row("hd", 0, 1.0)]
     summary = summarise(rows)
     flex = summary[("main", "flex")]
     assert flex["accuracy"] == pytest.approx(0.8) and flex["accuracy_std"] == pytest.approx(0.1)
     assert flex["hr_fraction"] == pytest.approx(0.15) and flex["seeds"] == 3
-    assert summary[("main", "hd")] == {"accuracy": 1.0, "accuracy_std": 0.0, "hr_fraction": None, "seeds": 1}
+    assert flex["wall_s"] == pytest.approx(20) and flex["mflops_per_sample"] == pytest.approx(3.0)
+    assert summary[("main", "hd")] == {"accuracy": 1.0, "accuracy_std": 0.0, "hr_fraction": None, "seeds": 1,
+                                       "mflops_per_sample": None, "wall_s": 10}
 
 
 def test_targets_are_checked_on_the_means():
@@ -107,5 +116,10 @@ def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
             for s in (0, 1)]
     assert report["summary"][("main", "flex_attention_ratio")]["accuracy"] == pytest.approx(statistics.mean(flex))
     assert "| main | xattn |" in (tmp_path / "out" / "results.md").read_text()
+    # FLOPs of a generation per sample, counted once per stage-2 run and kept with its result
+    for config in ("xattn", "flex_attention_ratio"):
+        done = json.loads((runs / config / "seed0" / "done.json").read_text())
+        assert done["mflops_per_sample"] > 0
+    assert all(float(r["mflops_per_sample"]) > 0 for r in rows if r["accuracy"] and r["config"] != "stage1")
     # a second call reuses every finished run
     assert Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()["rows"] == report["rows"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from flexvlm.models.vision import OpenClipBackbone, PatchMLPBackbone, TimmBackbone
+from flexvlm.models.vision import OpenClipBackbone, PatchMLPBackbone, TimmBackbone, TimmFeatureMapBackbone
 
 TIMM_KW = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
 VISION_CFG = dict(image_size=32, patch_size=8, width=32, layers=3, head_width=16)
@@ -184,3 +184,38 @@ def test_bad_layer_and_bad_image_size():
         TimmBackbone("vit_tiny_patch16_224", layer=3, model_kwargs=TIMM_KW)
     with pytest.raises(ValueError, match="multiple of the patch size 8"):
         PatchMLPBackbone()(torch.randn(1, 3, 32, 30))
+
+
+def _feature_map_by_hand(model: nn.Module, name: str, images: torch.Tensor) -> torch.Tensor:
+    """The stride-8 feature map, run module by module as timm's models are written."""
+    if name == "convnext_atto":
+        return model.stages[1](model.stages[0](model.stem(images)))
+    x = model.maxpool(model.act1(model.bn1(model.conv1(images))))
+    return model.layer2(model.layer1(x))
+
+
+@pytest.mark.parametrize("name, stage", [("convnext_atto", 1), ("resnet18", 2)])
+def test_feature_map_tower_matches_the_network_run_by_hand(tmp_path, name, stage):
+    """A position of the chosen stage's map is a token, row-major, for any image size that is a
+    multiple of the stage's reduction; weights load from the timm model's own state dict."""
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    path = tmp_path / "tower.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    backbone = TimmFeatureMapBackbone(name, stage=stage, image_size=32, checkpoint_path=path).eval()
+    assert (backbone.patch_size, backbone.grid_size) == (8, 4)
+    assert backbone.embed_dim == reference.feature_info[stage]["num_chs"]
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        expected = _feature_map_by_hand(reference, name, images)  # (B, C, 4, 6)
+        tokens = backbone(images)
+    assert tokens.shape == (2, 4 * 6, backbone.embed_dim)
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tokens[:, 6 + 2], expected[:, :, 1, 2])  # row 1, column 2
+
+
+def test_feature_map_tower_errors():
+    with pytest.raises(ValueError, match="image_size 36 is not a multiple of stage 1's reduction 8"):
+        TimmFeatureMapBackbone("convnext_atto", stage=1, image_size=36)
+    with pytest.raises(ValueError, match="stage 4 is out of range for 4 stages"):
+        TimmFeatureMapBackbone("convnext_atto", stage=4, image_size=32)

@@ -116,17 +116,14 @@ def test_mode_and_placement_errors():
 
 @pytest.mark.parametrize("family", DECODERS)
 def test_built_on_the_meta_device_then_materialised(family):
-    """No tensor has memory until materialised as Lightning's FSDP strategy does it (``to_empty``, then
-    each module's ``reset_parameters``); ``load_weights`` then ties the embeddings again and starts
+    """No tensor has memory until materialised (``to_empty``, then each module's ``reset_parameters``,
+    as Lightning's FSDP strategy does it); ``load_weights`` then ties the embeddings again and starts
     W_K', W_V' as W_K, W_V, as construction on a real device does."""
     with torch.device("meta"):
         model = _model("flex", family, high_res_grad=True)
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
-    model.to_empty(device="cpu")
-    for module in model.modules():
-        if [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            module.reset_parameters()
-    model.load_weights()
+    model.materialize("cpu")
+    assert not model.is_meta
     reference = _model("flex", family)  # what a real device builds
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, reference.get_buffer(name)), name

@@ -22,10 +22,10 @@ from flexvlm.weights import load_state_dict_strict, read_state_dict
 
 __all__ = ["VisionBackbone", "TimmBackbone", "TimmFeatureMapBackbone", "OpenClipBackbone", "PatchMLPBackbone"]
 
-def _block_index(layer: int, depth: int) -> int:
+def _block_index(layer: int, depth: int, what: str = "layer", parts: str = "blocks") -> int:
     """Python-style (negative counts from the end) index into `depth` blocks, as a positive index."""
     if not -depth <= layer < depth:
-        raise ValueError(f"layer {layer} is out of range for {depth} blocks")
+        raise ValueError(f"{what} {layer} is out of range for {depth} {parts}")
     return layer % depth
 
 
@@ -144,7 +144,7 @@ class TimmFeatureMapBackbone(VisionBackbone):
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **(model_kwargs or {}))
         if checkpoint_path is not None:
             load_state_dict_strict(self.model, read_state_dict(checkpoint_path), str(checkpoint_path))
-        self.stage = _block_index(stage, len(self.model.feature_info))
+        self.stage = _block_index(stage, len(self.model.feature_info), "stage", "stages")
         self.model.prune_intermediate_layers([self.stage], prune_norm=True, prune_head=True)
         info = self.model.feature_info[self.stage]
         if image_size % info["reduction"]:

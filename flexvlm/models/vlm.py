@@ -126,7 +126,7 @@ class FlexVLM(nn.Module):
             for layer in self.llm.layers[num_sa_layers:]:
                 layer.self_attn = FlexAttention(layer.self_attn)
         self.pretrained = pretrained
-        if pretrained is not None and not any(p.is_meta for p in self.parameters()):
+        if pretrained is not None and not self.is_meta:
             pretrained.apply(self)
 
     @classmethod
@@ -138,6 +138,29 @@ class FlexVLM(nn.Module):
         implies (``mode``, ``num_sa_layers``, ``selection``...). See
         ``flexvlm.checkpoints.arguments_from_llava``."""
         return cls(**arguments_from_llava(checkpoint, vision, **overrides))
+
+    @property
+    def is_meta(self) -> bool:
+        """Whether any tensor is still on the meta device (built under ``torch.device("meta")``)."""
+        return any(t.is_meta for t in [*self.parameters(), *self.buffers()])
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Gives a model built on the meta device its tensors on ``device``: memory (``to_empty``), each
+        module's ``reset_parameters``, then ``load_weights``. A module with tensors of its own but no
+        ``reset_parameters`` (e.g. a timm or open_clip tower's position embeddings) is an error unless
+        ``pretrained`` weights are loaded over it."""
+        owners = [(name, m) for name, m in self.named_modules()
+                  if [*m.parameters(recurse=False), *m.buffers(recurse=False)]]
+        missing = [name for name, m in owners if not hasattr(m, "reset_parameters")]
+        if missing and self.pretrained is None:
+            raise TypeError(f"cannot initialise {', '.join(missing[:5])} after a build on the meta device (no "
+                            f"reset_parameters): load pretrained weights over them, or build on a real device")
+        self.to_empty(device=device)
+        with torch.no_grad():
+            for _, module in owners:
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        self.load_weights()
 
     def load_weights(self) -> None:
         """What construction on a real device gives, for a model built on the meta device once its
