@@ -6,7 +6,7 @@ SYNTHETIC := experiments/synthetic
 EVALS := "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_random.yaml" \
          "$(SYNTHETIC)/flex_attention_ratio.yaml+$(SYNTHETIC)/eval/as_center.yaml"
 
-.PHONY: demo test test-slow sweep protocol bench clean
+.PHONY: demo test test-slow sweep protocol axes bench clean
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -44,6 +44,10 @@ sweep: .venv/installed
 # the two-stage protocol: every mode from one low-res-only model per seed -> runs/protocol/results.md
 protocol: .venv/installed
 	$(PY) -m flexvlm.protocol $(SYNTHETIC)/protocol/protocol.yaml --out runs/protocol
+
+# the same protocol along two axes: five vision towers, three decoder sizes -> runs/axes/results.md
+axes: .venv/installed
+	$(PY) -m flexvlm.protocol $(SYNTHETIC)/protocol/axes.yaml --out runs/axes
 
 bench: .venv/installed
 	mkdir -p runs && $(PY) scripts/bench_efficiency.py --json runs/benchmarks.json

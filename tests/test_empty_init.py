@@ -89,6 +89,14 @@ def test_empty_init_without_weights_for_a_tower_lacking_reset_parameters_is_an_e
         cli.model.configure_model()
 
 
+def test_empty_init_refuses_a_tower_checkpoint_it_could_not_read(tmp_path):
+    path = tmp_path / "tower.pt"
+    torch.save({}, path)
+    with pytest.raises(ValueError, match="built on the meta device.*reads no weights"):
+        main(["--config", BASE, *SMALL, "--trainer.logger", "false", "--empty_init", "true",
+              "--model.model.backbone.init_args.checkpoint_path", str(path)], run=False)
+
+
 def test_two_process_ddp_run_of_a_model_built_on_the_meta_device(tmp_path):
     """Each process holds a meta model at setup, materialises it with init_from's weights (the same
     on both), and trains it under DDP to the same weights."""

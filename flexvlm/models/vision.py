@@ -36,6 +36,14 @@ def _resample_pos_embed(pos_embed: Tensor, grid: int, new_grid: tuple[int, int],
     )
 
 
+def _read_checkpoint(module: nn.Module, path: str | Path) -> dict[str, Tensor]:
+    """The tower's weight file, refused for a tower built on the meta device, which cannot hold them."""
+    if any(p.is_meta for p in module.parameters()):
+        raise ValueError(f"checkpoint_path {path}: a tower built on the meta device (--empty_init) reads no weights; "
+                         f"give them through the model's `pretrained` weights, or build without empty_init")
+    return read_state_dict(path)
+
+
 class VisionBackbone(nn.Module):
     """Base class: images (B, 3, H, W) -> patch tokens (B, H/p * W/p, embed_dim), row-major.
 
@@ -102,7 +110,7 @@ class TimmBackbone(VisionBackbone):
         kwargs = {**(model_kwargs or {}), "num_classes": 0, "dynamic_img_size": True}
         self.model = timm.create_model(model_name, pretrained=False, **kwargs)
         if checkpoint_path is not None:
-            load_state_dict_strict(self.model, read_state_dict(checkpoint_path), str(checkpoint_path))
+            load_state_dict_strict(self.model, _read_checkpoint(self.model, checkpoint_path), str(checkpoint_path))
         self.block_index = _block_index(layer, len(self.model.blocks))
         self.model.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
 
@@ -143,7 +151,7 @@ class TimmFeatureMapBackbone(VisionBackbone):
         super().__init__()
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **(model_kwargs or {}))
         if checkpoint_path is not None:
-            load_state_dict_strict(self.model, read_state_dict(checkpoint_path), str(checkpoint_path))
+            load_state_dict_strict(self.model, _read_checkpoint(self.model, checkpoint_path), str(checkpoint_path))
         self.stage = _block_index(stage, len(self.model.feature_info), "stage", "stages")
         self.model.prune_intermediate_layers([self.stage], prune_norm=True, prune_head=True)
         info = self.model.feature_info[self.stage]
@@ -187,7 +195,7 @@ class OpenClipBackbone(VisionBackbone):
         if not isinstance(visual, VisionTransformer):
             raise TypeError(f"{model_name} has a {type(visual).__name__} vision tower; use TimmBackbone for it")
         if checkpoint_path is not None:
-            state_dict = read_state_dict(checkpoint_path)
+            state_dict = _read_checkpoint(visual, checkpoint_path)
             if any(k.startswith("visual.") for k in state_dict):
                 state_dict = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
             load_state_dict_strict(visual, state_dict, str(checkpoint_path))
@@ -253,7 +261,7 @@ class PatchMLPBackbone(VisionBackbone):
         self.blocks = nn.Sequential(*(_ResidualMLP(embed_dim, hidden_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(embed_dim)
         if checkpoint_path is not None:
-            load_state_dict_strict(self, read_state_dict(checkpoint_path), str(checkpoint_path))
+            load_state_dict_strict(self, _read_checkpoint(self, checkpoint_path), str(checkpoint_path))
         if frozen:
             self.freeze()
 
