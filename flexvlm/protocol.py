@@ -19,7 +19,8 @@ The seed sets ``seed_everything`` (initialisation) and the training order
 subprocess of ``python -m flexvlm fit``, in ``<save_dir>/<study>/<mode>/seed<k>``; a run whose
 folder holds its result is reused, so an interrupted protocol picks up where it stopped. The
 results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
-the schedule choice and the targets). A stage-2 row also has the FLOPs of a whole greedy generation
+the schedule choice and the targets), ``<out>/accuracy_vs_flops.png`` (a point per study and mode).
+A stage-2 row also has the FLOPs of a whole greedy generation
 per sample (first test batch, the run's final weights; counted once, also for a run finished before)
 and the run's wall time (training and test, as a subprocess).
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from flexvlm.plots import accuracy_flops_plot
 from flexvlm.sweep import build_quietly, run_command, trained_cost
 
 STAGE1 = "stage1"
@@ -207,6 +209,11 @@ class Runner:
             writer.writeheader()
             writer.writerows(report["schedule_rows"] + report["rows"])
         (self.out / "results.md").write_text(markdown(report, self.protocol))
+        points = [{"config": study, "mode": config, "selection": "-", **s}
+                  for (study, config), s in report["summary"].items() if s["mflops_per_sample"] is not None]
+        if points:
+            accuracy_flops_plot(points, "test accuracy vs FLOPs per sample (mean +- std over seeds)",
+                                log_x=True).save(self.out / "accuracy_vs_flops.png")
         print((self.out / "results.md").read_text(), flush=True)
 
 

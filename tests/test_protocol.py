@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from flexvlm.protocol import Protocol, Runner, check_targets, summarise
 
@@ -121,5 +122,6 @@ def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
         done = json.loads((runs / config / "seed0" / "done.json").read_text())
         assert done["mflops_per_sample"] > 0
     assert all(float(r["mflops_per_sample"]) > 0 for r in rows if r["accuracy"] and r["config"] != "stage1")
+    assert Image.open(tmp_path / "out" / "accuracy_vs_flops.png").size == (720, 480)
     # a second call reuses every finished run
     assert Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()["rows"] == report["rows"]
