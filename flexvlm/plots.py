@@ -51,7 +51,8 @@ def accuracy_flops_plot(rows: list[dict], title: str = "accuracy vs cost per sam
         fill = colour[(row["mode"], row["selection"])]
         std = row.get("accuracy_std") or 0.0
         if std:
-            draw.line([at(cost, row["accuracy"] - std), at(cost, row["accuracy"] + std)], fill=fill, width=2)
+            low, high = max(0.0, row["accuracy"] - std), min(1.0, row["accuracy"] + std)  # within the axes
+            draw.line([at(cost, low), at(cost, high)], fill=fill, width=2)
         draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=fill, outline="black")
         # labels of neighbours staggered up and down, so that points at one accuracy stay legible
         draw.text((x + 7, y - 6 + 11 * (i % 3 - 1)), row["config"], fill=(60, 60, 60))
