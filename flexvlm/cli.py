@@ -39,13 +39,18 @@ BACKBONE_LINKS = [
 ]
 
 
+def _import_class(path: str) -> type:
+    """The class a config names by its import path, e.g. ``flexvlm.models.vision.TimmBackbone``."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def backbone_on_meta(spec: Namespace) -> VisionBackbone:
     """The backbone a config names, built on the meta device (no memory, no weights read), for the
     values it derives itself, e.g. a timm tower's patch size from its ``model_kwargs``."""
-    cls = getattr(importlib.import_module(spec.class_path.rpartition(".")[0]), spec.class_path.rpartition(".")[2])
     init_args = {k: v for k, v in vars(spec.get("init_args") or Namespace()).items() if k != "checkpoint_path"}
     with torch.device("meta"):
-        return cls(**init_args)
+        return _import_class(spec.class_path)(**init_args)
 
 
 def _backbone_attribute(name: str) -> Callable[[Namespace], Any]:
@@ -62,8 +67,7 @@ def _valid_keys(parser: LightningArgumentParser, message: str) -> tuple[str, lis
     option = re.search(r"Option '(\w+)' is not accepted", message)
     owner = re.search(r"class_path '([\w.]+)'", message)
     if option and owner:
-        module, _, name = owner.group(1).rpartition(".")
-        params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+        params = inspect.signature(_import_class(owner.group(1)).__init__).parameters
         return option.group(1), [p for p in params if p != "self" and not p.startswith("*")]
     # a key of a config file: "Group 'trainer' does not accept option 'max_stepz'" or, given after the
     # subcommand, "Subcommand 'fit' does not accept option 'trainer.max_stepz'"; of the command line:
@@ -117,8 +121,12 @@ class FlexVLMCLI(LightningCLI):
         parser.link_arguments((f"{MODEL}.zoom", f"{MODEL}.backbone"), "data.init_args.image_size",
                               compute_fn=_high_res_size)
 
+    def _subcommand_config(self, config: Namespace) -> Namespace:
+        """The part of ``config`` that this run's subcommand reads (all of it without one)."""
+        return config[self.subcommand] if self.subcommand else config
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._subcommand_config(self.config)
         if config.get("threads") is not None:
             torch.set_num_threads(config.threads)
         if self.subcommand == "fit" and config.get("ckpt_path"):
@@ -129,9 +137,9 @@ class FlexVLMCLI(LightningCLI):
         (the data, the objective, the metrics and the callbacks keep real tensors); the config saved
         with the run stays the one given."""
         config = self.config
-        if (config[self.subcommand] if self.subcommand else config).get("empty_init"):
+        if self._subcommand_config(config).get("empty_init"):
             config = config.clone()
-            group = (config[self.subcommand] if self.subcommand else config).model
+            group = self._subcommand_config(config).model
             parser = ArgumentParser()
             parser.add_argument("--model", type=FlexVLM)
             with torch.device("meta"):
