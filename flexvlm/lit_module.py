@@ -19,10 +19,10 @@ from flexvlm.checkpoints import load_run_weights
 from flexvlm.data.collate import SequenceLimits
 from flexvlm.data.datamodule import STAGE_SPLITS
 from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
-from flexvlm.generate import generate
 from flexvlm.models.flex_attention import HIGH_RES_KV_MODES
 from flexvlm.models.vlm import FlexVLM, VLMOutput
 from flexvlm.run_files import AnswerLog, SkipLog, check_writable, update_metrics_file
+from flexvlm.sharding import full_value, fully_shard, is_sharded
 
 
 def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
@@ -109,8 +109,22 @@ class FlexVLMModule(L.LightningModule):
     def configure_model(self) -> None:
         """A model built on the meta device (``--empty_init true``) gets its tensors here, on the
         Trainer's device (CPU without a Trainer, e.g. in ``load_from_checkpoint``): each process builds
-        nothing on the host first. Then ``init_from``'s weights, if named. A model with tensors is left
-        as it is, so Lightning may call this more than once."""
+        nothing on the host first. Then ``init_from``'s weights, if named. Under Lightning's
+        ``ModelParallelStrategy`` the model is first sharded with FSDP2 over the data-parallel
+        processes (``FlexVLM.fully_shard``), so each materialises and loads only its shard. A model
+        with tensors is left as it is, so Lightning may call this more than once."""
+        mesh = self.device_mesh  # set by ModelParallelStrategy alone
+        if mesh is not None and not self.model.is_sharded:
+            if mesh["tensor_parallel"].size() > 1:
+                raise ValueError("flexvlm shards its model with FSDP2 alone, without tensor parallelism: give "
+                                 "ModelParallelStrategy tensor_parallel_size: 1 and data_parallel_size: <processes>")
+            self.model.fully_shard(mesh["data_parallel"])
+            if self.aux_objective is not None and any(True for _ in self.aux_objective.parameters()):
+                fully_shard(self.aux_objective, mesh["data_parallel"])
+            plain = [name for name, p in self.named_parameters() if not is_sharded(p)]
+            if plain:  # FSDP2 averages the gradients of its shards alone
+                raise TypeError(f"parameters outside the sharded model and objective would train apart on each "
+                                f"process: {plain[:5]}")
         if not self.model.is_meta:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -197,7 +211,7 @@ class FlexVLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses to save weights that hold NaN or infinities: the last good checkpoint stays."""
         bad = [name for name, t in checkpoint["state_dict"].items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+               if t.is_floating_point() and not bool(full_value(torch.isfinite(t).all()))]
         if bad:
             raise FloatingPointError(
                 f"the weights are not finite at step {self.trainer.global_step} (in {len(bad)} of "
@@ -257,7 +271,7 @@ class FlexVLMModule(L.LightningModule):
     def _answer_source(self) -> str:
         """What answers depend on: the weights (a checksum of every tensor; loaded from a checkpoint
         by now), the module's settings, the model's selection."""
-        sums = [float(t.double().sum()) for t in self.model.state_dict().values() if t.is_floating_point()]
+        sums = [float(full_value(t.double().sum())) for t in self.model.state_dict().values() if t.is_floating_point()]
         settings = [sums, dict(self.hparams), repr(getattr(self.model, "selection", None))]
         return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()
 
@@ -302,9 +316,9 @@ class FlexVLMModule(L.LightningModule):
 
     def answer(self, batch: dict[str, Any]) -> tuple[list[str], Tensor, dict[int, Tensor]]:
         """Greedy answers to the batch's left-padded prompts, HR fraction per sample, prefill masks."""
-        out = generate(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["images"], batch.get("content_box"),
-                       max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
-                       high_res_kv=self.hparams.high_res_kv)
+        out = self.model.generate(batch["prompt_ids"], batch["prompt_mask"], batch["images"], batch.get("content_box"),
+                                  max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
+                                  high_res_kv=self.hparams.high_res_kv)
         return [self._decode(t) for t in out.tokens], out.hr_fraction, out.prefill_masks
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> Scored:

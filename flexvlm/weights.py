@@ -10,9 +10,18 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
+from flexvlm.sharding import is_sharded, placed_like
+
 __all__ = ["read_state_dict", "load_state_dict_strict", "listing"]
 
 _MAX_LISTED = 20  # names per category in a mismatch message; a full CLIP has hundreds
+
+
+def _sharded_as(state_dict: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors that go into sharded weights, sharded as they are (one tensor at a time): each
+    process keeps its shard."""
+    return {name: placed_like(tensor, expected[name]) if is_sharded(expected[name]) else tensor
+            for name, tensor in state_dict.items()}
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -25,6 +34,9 @@ def _is_torchscript(path: Path) -> bool:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a state dict from a safetensors file or a `torch.save` file (weights only)."""
     path = Path(path)
+    if (path / ".metadata").is_file():  # e.g. ModelParallelStrategy's last.ckpt by default
+        raise ValueError(f"{path} is a sharded checkpoint folder (torch.distributed.checkpoint); make it one file "
+                         f"first: python -m torch.distributed.checkpoint.format_utils dcp_to_torch {path} <file.ckpt>")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -62,4 +74,4 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], sou
             if lines:
                 message += listing(title, lines)
         raise ValueError(message)
-    module.load_state_dict(state_dict)
+    module.load_state_dict(_sharded_as(state_dict, expected))

@@ -254,7 +254,13 @@ class DecoderLayer(nn.Module):
         """The residual stream and the attention's output -> the block's output."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None,
+                variant: Callable[..., Any] | None = None) -> Any:
+        """The plain block, or ``variant(self, x, inputs, cache)``: the block computed another way
+        (FlexVLM's flex and cross-attention layers). Run here, so that what wraps a layer's forward
+        (FSDP2 gathering a sharded layer's weights, hooks) sees every use of the layer."""
+        if variant is not None:
+            return variant(self, x, inputs, cache)
         return self.after_attention(x, self.self_attn(self.attention_input(x), inputs, cache))
 
 

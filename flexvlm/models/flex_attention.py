@@ -388,7 +388,7 @@ def flex_attention(
 
 
 def mapped_layer(
-    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, rows: SelectingRows, map_grad: bool,
+    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, cache: None, rows: SelectingRows, map_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """A plain decoder layer (teacher-forced, no cache) that also hands back its selecting rows' softmax
     over the sequence keys, (B, heads, R, keys): where a model without HR attention looks, in the

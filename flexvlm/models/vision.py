@@ -269,7 +269,7 @@ class PatchMLPBackbone(VisionBackbone):
     def reset_parameters(self) -> None:
         """The position embeddings, this module's own tensor (its layers reset theirs), e.g. once a
         model built on the meta device has memory."""
-        self.pos_embed.copy_(0.02 * torch.randn(self.pos_embed.shape, device=self.pos_embed.device))
+        nn.init.normal_(self.pos_embed, std=0.02)
 
     def _patch_tokens(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images)

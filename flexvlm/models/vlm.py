@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexvlm import sharding
 from flexvlm.checkpoints import PretrainedWeights, arguments_from_llava
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.decoder import KVCache, LanguageModel
@@ -162,6 +164,29 @@ class FlexVLM(nn.Module):
                     module.reset_parameters()
         self.load_weights()
 
+    def fully_shard(self, mesh: Any) -> None:
+        """Shard the weights over ``mesh`` (a 1-D ``DeviceMesh``) with FSDP2, as Lightning's
+        ``ModelParallelStrategy`` expects ``configure_model`` to: each decoder layer is a unit,
+        gathered for its own forward; the rest (tower, projector, embeddings, head) is the root unit,
+        gathered for ``forward`` and ``generate``. Called on a model built on the meta device, before
+        ``materialize``, a process never holds more than its shard of the weights."""
+        for layer in self.llm.layers:
+            sharding.fully_shard(layer, mesh)
+        sharding.fully_shard(self, mesh)
+        sharding.register_forward_method(self, "generate")
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether ``fully_shard`` has sharded the weights."""
+        return any(sharding.is_sharded(t) for t in self.parameters())
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``flexvlm.generate.generate`` on this model (its arguments after the model): the entry
+        point through which a sharded model gathers its root unit for generation (``fully_shard``)."""
+        from flexvlm.generate import generate  # that module builds on this one
+
+        return generate(self, *args, **kwargs)
+
     def load_weights(self) -> None:
         """What construction on a real device gives, for a model built on the meta device once its
         tensors are real (``to_empty`` and each module's ``reset_parameters``, as Lightning's FSDP
@@ -277,11 +302,13 @@ class FlexVLM(nn.Module):
             if state is None or i < first_special:
                 x = llm.checkpointed(layer, x, inputs, cache)
             elif state.dense:
-                x = llm.checkpointed(cross_attention_layer, layer, x, inputs, cache, state.rows, state)
+                x = llm.checkpointed(layer, x, inputs, cache, partial(cross_attention_layer, rows=state.rows,
+                                                                      state=state))
             else:
                 need_map = i + 1 < len(llm.layers)
-                x, probs = llm.checkpointed(flex_layer, layer, x, inputs, cache, state.rows, selection, state,
-                                            need_map, self.flex_impl)
+                variant = partial(flex_layer, rows=state.rows, selection=selection, state=state, need_map=need_map,
+                                  impl=self.flex_impl)
+                x, probs = llm.checkpointed(layer, x, inputs, cache, variant)
                 # selected outside the checkpointed layer, so that a recomputed layer sees the same tokens
                 selection = state.select(i + 1, probs) if need_map else None
         return llm.final_norm(x)
@@ -299,7 +326,8 @@ class FlexVLM(nn.Module):
         x, maps = inputs.embeds, {}
         for i, layer in enumerate(llm.layers):
             if i in mapped:
-                x, probs = llm.checkpointed(mapped_layer, layer, x, attn_inputs, rows, True)
+                variant = partial(mapped_layer, rows=rows, map_grad=True)
+                x, probs = llm.checkpointed(layer, x, attn_inputs, None, variant)
                 maps[i + 1] = low_res_map(probs, lr_index, g)
             else:
                 x = llm.checkpointed(layer, x, attn_inputs, None)
