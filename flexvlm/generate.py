@@ -18,6 +18,7 @@ from torch import Tensor
 
 from flexvlm.models.llm import KVCache
 from flexvlm.models.vlm import FlexVLM
+from flexvlm.sharding import all_processes
 
 
 @dataclass
@@ -95,6 +96,7 @@ def generate(
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     tokens, fractions, prefill_masks = [], [], {}
+    sharded = model.is_sharded
     steps = generation_steps(model, input_ids, attention_mask, images, content_box, max_new_tokens, use_cache,
                              high_res_kv)
     for i, step in enumerate(steps):
@@ -105,7 +107,9 @@ def generate(
             fractions.append(step.hr_fraction)
         if eos_token_id is not None:
             finished |= step.token == eos_token_id
-        if bool(finished.all()):
+        # a sharded model gathers each layer from every process at every step: they stop together
+        done = all_processes(finished.all()) if sharded else bool(finished.all())
+        if done:
             break
     rows = [_until_eos(row, eos_token_id) for row in torch.stack(tokens, 1).tolist()]
     hr_fraction = torch.stack(fractions).mean(0) if fractions else torch.zeros(batch, device=input_ids.device)

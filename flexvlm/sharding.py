@@ -32,6 +32,18 @@ def is_sharded(tensor: Tensor) -> bool:
     return torch.distributed.is_available() and isinstance(tensor, _dtensor_api().DTensor)
 
 
+def is_fully_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` has made ``module`` an FSDP2 unit."""
+    return torch.distributed.is_available() and isinstance(module, _fsdp2_api().FSDPModule)
+
+
+def all_processes(flag: Tensor) -> bool:
+    """Whether a boolean ``flag`` holds on every process (a collective: every process calls it)."""
+    flag = flag.to(torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
 def full_value(tensor: Tensor) -> Tensor:
     """The whole of a sharded tensor (a collective: every process calls it), e.g. a reduction's
     result; a plain tensor as it is."""

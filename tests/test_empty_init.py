@@ -51,7 +51,8 @@ class RecordBuild(Callback):
             json.dump(record, f)
 
     def setup(self, trainer, pl_module, stage):
-        self._write(trainer, pl_module, "setup")
+        if stage == "fit":  # not the test after it
+            self._write(trainer, pl_module, "setup")
 
     def on_fit_start(self, trainer, pl_module):  # after configure_model, before any step
         self._write(trainer, pl_module, "fit_start")
@@ -120,8 +121,8 @@ def test_fsdp2_with_tensor_parallelism_is_refused():
 
 
 def _two_process_run(tmp_path: Path, source: Path, strategy: str, *extra: str) -> dict[str, dict]:
-    """A 2-process run of 2 steps on CPU from ``source``, built on the meta device; what the
-    recorder wrote, by event and process, and the last checkpoint."""
+    """A 2-process run of 2 steps on CPU from ``source``, built on the meta device, then its test (8
+    questions); what the recorder wrote, by event and process, the last checkpoint, the answers."""
     folder = tmp_path / strategy
     folder.mkdir()
     callback = json.dumps({"class_path": "recorder.RecordBuild", "init_args": {"folder": str(folder)}})
@@ -130,7 +131,8 @@ def _two_process_run(tmp_path: Path, source: Path, strategy: str, *extra: str) -
         "--model.init_from", str(source), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
         "--trainer.max_steps", "2", "--threads", "1", "--trainer.default_root_dir", str(folder),
         "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name", "run",
-        "--trainer.logger.init_args.version", "v", "--trainer.callbacks+", callback, *extra,
+        "--trainer.logger.init_args.version", "v", "--trainer.callbacks+", callback, "--test_after_fit", "true",
+        *extra,
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -139,14 +141,17 @@ def _two_process_run(tmp_path: Path, source: Path, strategy: str, *extra: str) -
     assert sorted(records) == ["fit_start-rank0", "fit_start-rank1", "setup-rank0", "setup-rank1"]
     trained = torch.load(folder / "run" / "v" / "checkpoints" / "last.ckpt", weights_only=True)
     assert trained["global_step"] == 2
-    return {**records, "trained": trained["state_dict"]}
+    lines = (folder / "run" / "v" / "answers.jsonl").read_text().splitlines()
+    answers = {record["question_id"]: record["answer"] for record in map(json.loads, lines)}
+    assert len(answers) == 8
+    return {**records, "trained": trained["state_dict"], "answers": answers}
 
 
 def test_two_process_runs_of_a_model_built_on_the_meta_device_ddp_and_fsdp2(tmp_path):
     """Each process holds a meta model at setup and init_from's weights when the fit starts: under
     DDP all of them; under FSDP2 (Lightning's ModelParallelStrategy) its half of them, sharded before
-    they had memory. Both train 2 steps to the same weights (FSDP2 also answers a validation batch
-    first, through the sharded model's generate)."""
+    they had memory. Both train 2 steps to the same weights and give the same test answers (FSDP2
+    also answers a validation batch first, through the sharded model's generate)."""
     source, state, expected = _source_checkpoint(tmp_path)
     (tmp_path / "recorder.py").write_text(RECORDER)
     fsdp2 = json.dumps({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": {
@@ -170,6 +175,7 @@ def test_two_process_runs_of_a_model_built_on_the_meta_device_ddp_and_fsdp2(tmp_
         assert moved and all(torch.isfinite(v).all() for v in trained.values())
     for name, tensor in runs["ddp"]["trained"].items():
         torch.testing.assert_close(runs["fsdp2"]["trained"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert runs["fsdp2"]["answers"] == runs["ddp"]["answers"]
 
 
 def test_a_sharded_checkpoint_folder_is_named_with_the_command_that_makes_it_one_file(tmp_path):

@@ -178,7 +178,7 @@ class FlexVLM(nn.Module):
     @property
     def is_sharded(self) -> bool:
         """Whether ``fully_shard`` has sharded the weights."""
-        return any(sharding.is_sharded(t) for t in self.parameters())
+        return sharding.is_fully_sharded(self)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``flexvlm.generate.generate`` on this model (its arguments after the model): the entry
