@@ -33,8 +33,9 @@ from flexvlm.models.gemma import Gemma, GemmaConfig
 from flexvlm.models.llm import Llama, LlamaConfig
 from flexvlm.models.qwen2 import Qwen2, Qwen2Config
 from flexvlm.models.vision import OpenClipBackbone, VisionBackbone
+from flexvlm.run_files import read_run_checkpoint
 from flexvlm.weights import listing, load_state_dict_strict, read_state_dict
-from flexvlm.selection import AttentionSelection, RandomSelection, SelectionStrategy
+from flexvlm.selection import SELECTION, AttentionSelection, RandomSelection, SelectionStrategy
 
 if TYPE_CHECKING:
     from flexvlm.models.vlm import FlexVLM
@@ -110,8 +111,36 @@ def _take(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -
     return parts
 
 
+def _put(parts: dict[str, StateDict], prefixes: dict[str, tuple[str, str]], target: str) -> StateDict:
+    """The inverse of `_take`, with the same table: each part's tensors under the checkpoint prefix of
+    their flexvlm prefix (the first listed where several spellings read into one). A tensor that no
+    prefix places is an error."""
+    placed, unplaced = {}, []
+    for part, state in parts.items():
+        spellings: dict[str, str] = {}  # flexvlm prefix -> checkpoint prefix
+        for checkpoint_prefix, (owner, new_prefix) in prefixes.items():
+            if owner == part:
+                spellings.setdefault(new_prefix, checkpoint_prefix)
+        longest_first = sorted(spellings, key=len, reverse=True)
+        for name, tensor in state.items():
+            match = next((p for p in longest_first if name.startswith(p)), None)
+            if match is None:
+                unplaced.append(f"{part}: {name} {tuple(tensor.shape)}")
+                continue
+            placed[spellings[match] + name[len(match):]] = tensor
+    if unplaced:
+        raise ValueError(f"the {target} layout has no place for these tensors:" + listing("unplaced", unplaced))
+    return placed
+
+
 # -- rename tables ---------------------------------------------------------------------------------
-_RELEASED_HIGH_RES = re.compile(r"(self_attn\.[kv])_proj_hd\.")  # the authors' W_K' / W_V' names
+# W_K' / W_V' (`self_attn.{k,v}...`) as the authors' released checkpoint names them, and as flexvlm does
+_RELEASED_HIGH_RES, _FLEXVLM_HIGH_RES = "_proj_hd.", "_hr_proj."
+
+
+def _high_res_renamed(state: StateDict, old: str, new: str) -> StateDict:
+    pattern = re.compile(rf"(self_attn\.[kv]){re.escape(old)}")
+    return {pattern.sub(rf"\1{new}", k): v for k, v in state.items()}
 
 
 def llama_from_hf(state: StateDict) -> StateDict:
@@ -119,8 +148,13 @@ def llama_from_hf(state: StateDict) -> StateDict:
     already; the RoPE buffers that older transformers versions saved are dropped (they are
     recomputed), and the authors' released FlexAttention checkpoint names W_K' / W_V'
     `self_attn.{k,v}_proj_hd`, flexvlm `self_attn.{k,v}_hr_proj`."""
-    return {_RELEASED_HIGH_RES.sub(r"\1_hr_proj.", k): v for k, v in state.items()
-            if not k.endswith("rotary_emb.inv_freq")}
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    return _high_res_renamed(state, _RELEASED_HIGH_RES, _FLEXVLM_HIGH_RES)
+
+
+def llama_to_hf(state: StateDict) -> StateDict:
+    """The inverse of `llama_from_hf`: W_K' / W_V' under the release's names (`flexvlm.export`)."""
+    return _high_res_renamed(state, _FLEXVLM_HIGH_RES, _RELEASED_HIGH_RES)
 
 
 _CLIP_HF_RENAMES = [  # (HF CLIPVisionTransformer pattern, open_clip VisionTransformer name)
@@ -140,6 +174,25 @@ _CLIP_HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(we
 _CLIP_HF_IGNORED = ("text_model.", "text_projection.", "logit_scale", "embeddings.position_ids")
 
 
+def _inverse_rename(pattern: str, new: str) -> tuple[str, str]:
+    """A rename of `_CLIP_HF_RENAMES` the other way: its replacement as the pattern (a block number
+    `\\1` matched by `(\\d+)`), its pattern as the replacement."""
+    return re.escape(new).replace(r"\\1", r"(\d+)"), pattern.replace(r"(\d+)", r"\1").replace(r"\.", ".")
+
+
+_CLIP_OPEN_CLIP_RENAMES = [_inverse_rename(pattern, new) for pattern, new in _CLIP_HF_RENAMES]
+_CLIP_OPEN_CLIP_QKV = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
+
+
+def _renamed(name: str, renames: list[tuple[str, str]]) -> str:
+    """`name` by the first rename whose pattern starts it; unchanged when none does."""
+    for pattern, new in renames:
+        name, found = re.subn(f"^{pattern}", new, name)
+        if found:
+            break
+    return name
+
+
 def clip_vision_from_hf(state: StateDict) -> StateDict:
     """HF CLIP vision weights (`CLIPVisionModel`, or the vision half of `CLIPModel`, with or without
     the `vision_model.` prefix) -> open_clip `VisionTransformer` names. Separate q/k/v projections
@@ -157,16 +210,27 @@ def clip_vision_from_hf(state: StateDict) -> StateDict:
             layer, which, kind = match.groups()
             qkv.setdefault((layer, kind), {})[which] = tensor
         else:
-            for pattern, new in _CLIP_HF_RENAMES:
-                name, found = re.subn(f"^{pattern}", new, name)
-                if found:
-                    break
-            out[name] = tensor
+            out[_renamed(name, _CLIP_HF_RENAMES)] = tensor
     for (layer, kind), tensors in qkv.items():
         if set(tensors) == {"q", "k", "v"}:
             out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([tensors[c] for c in "qkv"])
         else:  # incomplete: keep the HF names so the strict load reports them
             out.update({f"encoder.layers.{layer}.self_attn.{c}_proj.{kind}": t for c, t in tensors.items()})
+    return out
+
+
+def clip_vision_to_hf(state: StateDict) -> StateDict:
+    """The inverse of `clip_vision_from_hf` for a tower as OpenClipBackbone keeps it (no head): open_clip
+    `VisionTransformer` names -> HF `CLIPVisionModel` names (`vision_model.*`), `in_proj` split into
+    q / k / v (copies: safetensors stores no tensors that share memory)."""
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if match := _CLIP_OPEN_CLIP_QKV.fullmatch(name):
+            layer, kind = match.groups()
+            for which, part in zip("qkv", tensor.chunk(3)):
+                out[f"vision_model.encoder.layers.{layer}.self_attn.{which}_proj.{kind}"] = part.clone()
+        else:
+            out["vision_model." + _renamed(name, _CLIP_OPEN_CLIP_RENAMES)] = tensor
     return out
 
 
@@ -452,6 +516,9 @@ _LLAVA_LAYOUTS = (
 )
 
 
+LLAVA_HF_LAYOUT, ORIGINAL_LLAVA_LAYOUT = _LLAVA_LAYOUTS  # by name, for the writer (`flexvlm.export`)
+
+
 def _llava_layout(state: StateDict, source: str) -> _LlavaLayout:
     for layout in _LLAVA_LAYOUTS:
         if any(k.startswith(layout.markers) for k in state):
@@ -495,10 +562,7 @@ def load_run_weights(model: nn.Module, aux_objective: nn.Module | None, path: st
     lacks, e.g. a low-res-only run, start as the same layer's W_K, W_V), and the auxiliary
     objective's when both runs have one. A mismatch lists the names and shapes involved."""
     source = str(path)
-    checkpoint = read_state_dict(path)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{source} is not a Lightning checkpoint of a flexvlm run (no 'state_dict'); "
-                         f"keys: {sorted(checkpoint)[:10]}")
+    checkpoint = read_run_checkpoint(path)
     parts = _take(checkpoint["state_dict"], {"model.": ("model", ""), "aux_objective.": ("aux", "")}, source)
     names = model.state_dict()
     load_state_dict_strict(model, {**_high_res_copies(names, parts["model"]), **parts["model"]}, source)
@@ -625,6 +689,17 @@ def _release_arguments(extra: dict, tower_size: int, source: str) -> dict[str, A
             "margin_rule": "release"}
 
 
+def _exported_arguments(saved: dict) -> dict[str, Any]:
+    """FlexVLM arguments that `flexvlm.export` writes under `extra.flexvlm`: the model as trained, where
+    the release's own keys cannot say it (it hard-codes N_SA, the blocks and the margin rule). The
+    selection is named as registered (plugins included), with the arguments it was built with."""
+    arguments = dict(saved)
+    if "selection" in arguments:
+        selection = arguments["selection"]
+        arguments["selection"] = SELECTION.get(selection["name"])(**selection["settings"])
+    return arguments
+
+
 def _llava_config(folder: Path) -> dict:
     """The folder's config.json, which the model is built from."""
     if not folder.is_dir():
@@ -687,7 +762,8 @@ def arguments_from_llava(
     LLaVA-1.5 keeps it; the weights (`pretrained`).
 
     With the release's `extra`: N_SA = 9 (what the release hard-codes), zoom `zoom_ratio`, and its
-    selection, keeping whole blocks (`_release_selection`). Without, FlexVLM's defaults.
+    selection, keeping whole blocks (`_release_selection`). Without, FlexVLM's defaults. A flexvlm
+    export's `extra.flexvlm` (`flexvlm.export`) then gives the model as trained.
     `num_sa_layers`, `selection` and `zoom` replace the checkpoint's when given; `overrides` are
     any other FlexVLM arguments (`mode`, ...), `llm_overrides` changing single decoder settings."""
     folder = Path(checkpoint)
@@ -703,6 +779,9 @@ def arguments_from_llava(
         "projector": _llava_projector(config, source),
         "pretrained": PretrainedWeights(llava=source, vision=tower),
         **_release_arguments(config.get("extra") or {}, backbone.image_size, source),
+        **_exported_arguments((config.get("extra") or {}).get("flexvlm") or {}),
     }
+    if overrides.get("mode", arguments.get("mode", "flex")) != "flex":  # a selection serves the flex mode alone
+        arguments.pop("selection", None)
     chosen = {"num_sa_layers": num_sa_layers, "selection": selection, "zoom": zoom}
     return {**arguments, **{k: v for k, v in chosen.items() if v is not None}, **overrides}

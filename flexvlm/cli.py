@@ -11,20 +11,22 @@ import difflib
 import importlib
 import inspect
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import lightning as L
 import torch
 from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from flexvlm.lit_module import FlexVLMModule
 from flexvlm.models.vision import VisionBackbone
 from flexvlm.models.vlm import FlexVLM
-from flexvlm.run_files import AtomicCheckpointIO, keep_log_before_resume
+from flexvlm.run_files import AtomicCheckpointIO, keep_log_before_resume, read_run_checkpoint
 
 # values the model decides and their other users must agree on, from any YAML or the command line:
 # the zoom, and what the backbone decides (the data's patch size, image size and normalisation, the
@@ -43,6 +45,13 @@ def _import_class(path: str) -> type:
     """The class a config names by its import path, e.g. ``flexvlm.models.vision.TimmBackbone``."""
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def instantiate_part(config: Namespace, base: type) -> Any:
+    """One part of a parsed config (``class_path`` and ``init_args``), as ``base``."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--part", type=base)
+    return parser.instantiate_classes(parser.parse_object({"part": config.as_dict()})).part
 
 
 def backbone_on_meta(spec: Namespace) -> VisionBackbone:
@@ -105,6 +114,33 @@ class FlexVLMArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
+class RunConfigCallback(SaveConfigCallback):
+    """Lightning's: the resolved config saved into the run folder at setup. A run that fails before
+    it writes anything else (a refused setting, a folder without space) leaves no folder holding
+    config.yaml alone, which a sweep or a person would take for a run: such a folder goes again."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._folder = Path(trainer.log_dir)  # known on every process by now: no collective when failing
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        folder = getattr(self, "_folder", None)
+        if not trainer.is_global_zero or folder is None or "://" in str(folder) or not folder.is_dir():
+            return
+        if [p for p in folder.rglob("*") if not p.is_dir()] == [folder / self.config_filename]:
+            shutil.rmtree(folder)
+
+
+class StepBudgetProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, which reads "Epoch 0/-2" in a run bounded by ``max_steps`` alone
+    (``max_epochs`` -1): there it names the step budget instead."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch} (of {self.trainer.max_steps} steps)':{len(self.validation_description)}}"
+
+
 class FlexVLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -125,11 +161,20 @@ class FlexVLMCLI(LightningCLI):
         """The part of ``config`` that this run's subcommand reads (all of it without one)."""
         return config[self.subcommand] if self.subcommand else config
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # before LightningCLI reads the checkpoint's hyperparameters: a wrong file is named now, not
+        # met as a bare EOFError of torch's
+        subcommand = self.config.get("subcommand")  # self.subcommand is set after this call
+        ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")
+        if _is_local_checkpoint(ckpt_path):
+            read_run_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config(self.config)
         if config.get("threads") is not None:
             torch.set_num_threads(config.threads)
-        if self.subcommand == "fit" and config.get("ckpt_path"):
+        if self.subcommand == "fit" and _is_local_checkpoint(config.get("ckpt_path")):
             _resume_in_checkpoint_folder(config)
 
     def instantiate_classes(self) -> None:
@@ -140,10 +185,8 @@ class FlexVLMCLI(LightningCLI):
         if self._subcommand_config(config).get("empty_init"):
             config = config.clone()
             group = self._subcommand_config(config).model
-            parser = ArgumentParser()
-            parser.add_argument("--model", type=FlexVLM)
             with torch.device("meta"):
-                group.model = parser.instantiate_classes(Namespace(model=group.model)).model
+                group.model = instantiate_part(group.model, FlexVLM)
         self.config_init = self.parser.instantiate_classes(config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
@@ -155,11 +198,25 @@ class FlexVLMCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # unless the config says how to save
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        # Lightning's default bar is the rich one when rich is installed; the tqdm one reads well
+        if type(trainer.progress_bar_callback) is RichProgressBar:
+            trainer.callbacks = [StepBudgetProgressBar() if c is trainer.progress_bar_callback else c
+                                 for c in trainer.callbacks]
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def _is_local_checkpoint(ckpt_path: str | None) -> bool:
+    """Whether ``ckpt_path`` names a local checkpoint file, not one of Lightning's keywords (``last``,
+    ``best``, ...), a remote path, or a sharded checkpoint folder that its strategy reads."""
+    keyword = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).lower().startswith("registry")
+    if not ckpt_path or keyword or "://" in ckpt_path:
+        return False
+    return not (Path(ckpt_path).is_dir() and (Path(ckpt_path) / ".metadata").is_file())
 
 
 def _resume_in_checkpoint_folder(config: Any) -> None:
@@ -186,6 +243,7 @@ def build(cli_class: type[FlexVLMCLI], args: list[str] | None, run: bool) -> Fle
         L.LightningDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -21,8 +22,10 @@ from flexvlm.data.datamodule import STAGE_SPLITS
 from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
 from flexvlm.models.flex_attention import HIGH_RES_KV_MODES
 from flexvlm.models.vlm import FlexVLM, VLMOutput
-from flexvlm.run_files import AnswerLog, SkipLog, check_writable, update_metrics_file
-from flexvlm.sharding import full_value, fully_shard, is_sharded
+from flexvlm.run_files import (
+    AnswerLog, SkipLog, check_free_space, check_writable, checkpoint_bytes, update_metrics_file,
+)
+from flexvlm.sharding import full_value, fully_shard, is_sharded, on_any_process
 
 
 def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
@@ -102,6 +105,7 @@ class FlexVLMModule(L.LightningModule):
         self._test_errors: list[dict[str, Any]] = []  # the questions it could not ask
         self._answered: list[dict[str, Any]] = []  # answered before a restart of the run
         self._nonfinite_batches = 0
+        self._saved_step: int | None = None  # the step of the last checkpoint saved by this run
         self._folder = Path(".")  # the run folder, known at setup
         self._skip_log: SkipLog | None = None
         self._answer_log: AnswerLog | None = None
@@ -209,7 +213,8 @@ class FlexVLMModule(L.LightningModule):
         return True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses to save weights that hold NaN or infinities: the last good checkpoint stays."""
+        """Refuses to save weights that hold NaN or infinities: the last good checkpoint stays. Notes the
+        step saved (``_bring_last_checkpoint_to_final_step``)."""
         bad = [name for name, t in checkpoint["state_dict"].items()
                if t.is_floating_point() and not bool(full_value(torch.isfinite(t).all()))]
         if bad:
@@ -217,6 +222,7 @@ class FlexVLMModule(L.LightningModule):
                 f"the weights are not finite at step {self.trainer.global_step} (in {len(bad)} of "
                 f"{len(checkpoint['state_dict'])} tensors, first {bad[0]}): not saving them over the last checkpoint. "
                 f"The training diverged: lower the learning rate (model.lr is {self.hparams.lr:g})")
+        self._saved_step = checkpoint["global_step"]
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -259,6 +265,7 @@ class FlexVLMModule(L.LightningModule):
             for callback in self.trainer.checkpoint_callbacks:
                 if callback.dirpath is not None:
                     check_writable(Path(callback.dirpath), "the checkpoint folder")
+                    check_free_space(Path(callback.dirpath), checkpoint_bytes(self), "the checkpoint folder")
         self._skip_log = SkipLog(folder)
         if self.trainer.is_global_zero:  # the samples the datamodule left out (and listed) as it read the files
             for split in STAGE_SPLITS[stage]:
@@ -321,12 +328,18 @@ class FlexVLMModule(L.LightningModule):
                                   high_res_kv=self.hparams.high_res_kv)
         return [self._decode(t) for t in out.tokens], out.hr_fraction, out.prefill_masks
 
+    def _forwards(self, batch: dict[str, Any], protocol: EvaluationProtocol) -> tuple[Tensor | None, Scored]:
+        """Every forward pass of an evaluation batch: the reference answer's loss (``eval_loss``), then
+        the protocol's answers, scored by ``protocol``."""
+        loss = self._forward(batch).loss if self.hparams.eval_loss else None
+        return loss, protocol.score(self, batch)
+
     def _evaluate(self, batch: dict[str, Any], stage: str) -> Scored:
         size = batch["input_ids"].shape[0]
-        if self.hparams.eval_loss:
-            self.loss_mean.update(self._forward(batch).loss, weight=size)
+        loss, scored = self._forwards(batch, self.protocol)
+        if loss is not None:
+            self.loss_mean.update(loss, weight=size)
             self.log(f"{stage}/loss", self.loss_mean, batch_size=size)
-        scored = self.protocol.score(self, batch)
         if self.model.mode == "flex":
             self.hr_fraction_mean.update(scored.hr_fraction)
             self.log(f"{stage}/hr_fraction", self.hr_fraction_mean, prog_bar=True, batch_size=size)
@@ -338,13 +351,67 @@ class FlexVLMModule(L.LightningModule):
         self.log_dict(scores, prog_bar=True, sync_dist=True)
         return {name: float(value) for name, value in scores.items()}
 
+    # Every forward of a sharded model (FSDP2) gathers its weights from all processes, so each process
+    # must run as many as the others: there, an evaluation batch is a round that all take part in. A
+    # process without questions in a round (its batch held bad samples only, or it has no batch left:
+    # a sampler that splits unevenly) runs the forwards of a question it answered before, unscored.
+    def _scored(self, batch: dict[str, Any], stage: str) -> Scored | None:
+        """The batch's questions answered and scored; None when it has none."""
+        asked = bool(batch["question_id"])
+        if not self.model.is_sharded:
+            return self._evaluate(batch, stage) if asked else None
+        if asked and self._stand_in is None:
+            self._stand_in = self._first_question(batch)
+        self._round(has_batch=True)
+        scored = None
+        if asked:
+            scored = self._evaluate(batch, stage)
+        else:
+            self._stand_in_forwards()
+        # the rounds that follow this process's last batch are taken here, before Lightning's loop ends:
+        # its end syncs the logged metrics, a collective of its own
+        if self.trainer._evaluation_loop.batch_progress.is_last_batch:
+            self._rounds_after_the_last_batch()
+        return scored
+
+    @staticmethod
+    def _first_question(batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch of the batch's first question (a copy: the batch's tensors are not kept)."""
+        return {key: value[:1].clone() if isinstance(value, Tensor) else value[:1] for key, value in batch.items()}
+
+    def _round(self, has_batch: bool) -> bool:
+        """A round's start, on every process together: whether any process has a batch in it. If one
+        has none to take part with, the same error on every process (rather than a deadlock)."""
+        flags = on_any_process(torch.tensor([has_batch, self._stand_in is None], device=self.device))
+        any_batch, any_without_stand_in = flags.tolist()
+        if any_batch and any_without_stand_in:
+            raise RuntimeError(
+                "under FSDP2 every process takes part in every forward of an evaluation, but a process has no "
+                "question in this batch (its samples were all bad, or its sampler gave it fewer batches) and none "
+                "answered before to take part with: give every process a question in its first batch (Lightning's "
+                "distributed sampler, trainer.use_distributed_sampler: true, splits the questions evenly)")
+        return any_batch
+
+    def _stand_in_forwards(self) -> None:
+        """The forwards of a question answered before, scored by a copy of the protocol that is then
+        dropped: this process's part in a round of the others."""
+        self._forwards(self._stand_in, copy.deepcopy(self.protocol))
+
+    def _rounds_after_the_last_batch(self) -> None:
+        """A process out of batches takes part in the rounds of the others until none has a batch left."""
+        while self._round(has_batch=False):
+            self._stand_in_forwards()
+
+    def _start_evaluation_epoch(self) -> None:
+        self.protocol.reset()
+        self._stand_in: dict[str, Any] | None = None  # the question this process takes part in rounds with
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._record_skipped(batch, "val")
-        if batch["question_id"]:
-            self._evaluate(batch, "val")
+        self._scored(batch, "val")
 
     def on_validation_epoch_start(self) -> None:
-        self.protocol.reset()
+        self._start_evaluation_epoch()
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
@@ -352,15 +419,15 @@ class FlexVLMModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
         self._record_skipped(batch, "test")
         self._record_unasked(batch.get("skipped", []))
-        if not batch["question_id"]:
+        scored = self._scored(batch, "test")
+        if scored is None:
             return None
-        scored = self._evaluate(batch, "test")
         self._test_records += scored.records
         self._answer_log.append(scored.records)  # written as they come: a restart continues after them
         return {"answers": [r["answer"] for r in scored.records], "masks": scored.masks}
 
     def on_test_epoch_start(self) -> None:
-        self.protocol.reset()
+        self._start_evaluation_epoch()
         self._test_records, self._test_errors = [], []
         if not self.trainer.is_global_zero:
             return
@@ -399,7 +466,9 @@ class FlexVLMModule(L.LightningModule):
               + (f"; {skipped} could not be asked (listed in {self._skip_log.path})" if skipped else ""))
 
     def on_train_end(self) -> None:
-        """The count of bad samples left out, printed and written into metrics.json."""
+        """``last.ckpt`` brought to the final step; the count of bad samples left out, printed and
+        written into metrics.json."""
+        self._bring_last_checkpoint_to_final_step()
         self.trainer.strategy.barrier()  # every process's skipped samples are in skipped.jsonl
         if not self.trainer.is_global_zero:
             return
@@ -408,6 +477,19 @@ class FlexVLMModule(L.LightningModule):
         if any(counts.values()):
             print(f"bad samples left out: {counts['skipped/train']} in training, {counts['skipped/val']} in "
                   f"validation (listed in {self._skip_log.path})")
+
+    def _bring_last_checkpoint_to_final_step(self) -> None:
+        """Lightning's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` together with its
+        periodic saves only: a 150-step run saving every 100 steps would end with the weights of step
+        100 in it, which ``--ckpt_path``, ``init_from`` and the sweep would then read as the final model.
+        Its saves run before this hook (callbacks first), so a checkpoint of another step means the
+        final weights are not on disk yet. Every process calls this (saving is a collective)."""
+        step = self.trainer.global_step
+        if self._saved_step == step:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "save_last", False) and getattr(callback, "last_model_path", ""):
+                self.trainer.save_checkpoint(callback.last_model_path)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         self._record_skipped(batch, "test")

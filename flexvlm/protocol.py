@@ -16,8 +16,10 @@ schedule candidates and studies (each a stage-1 geometry and the modes fine-tune
 
 The seed sets ``seed_everything`` (initialisation) and the training order
 (``data.init_args.shuffle_seed``); the data and the test split stay the same. Each run is a
-subprocess of ``python -m flexvlm fit``, in ``<save_dir>/<study>/<mode>/seed<k>``; a run whose
-folder holds its result is reused, so an interrupted protocol picks up where it stopped. The
+subprocess of ``python -m flexvlm fit``, in ``<save_dir>/<study>/<mode>/seed<k>``; a run that
+finished with the same configs (their content), seed and arguments, and for stage 2 from the same
+stage-1 weights, is reused (``flexvlm.runs``), so an interrupted protocol picks up where it stopped
+and a changed config trains what it changes again. The
 results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
 the schedule choice and the targets), ``<out>/accuracy_vs_flops.png`` (a point per study and mode).
 A stage-2 row also has the FLOPs of a whole greedy generation
@@ -39,9 +41,11 @@ from pathlib import Path
 import yaml
 
 from flexvlm.plots import accuracy_flops_plot
-from flexvlm.sweep import build_quietly, run_command, trained_cost
+from flexvlm.runs import config_contents, reuse_or_train, run_command, written
+from flexvlm.sweep import build_quietly, trained_cost
 
 STAGE1 = "stage1"
+DONE = "done.json"  # a run's result, written last
 
 
 @dataclass
@@ -106,18 +110,26 @@ def _cli_args(configs: list[str], folder: Path, seed: int, extra: list[str]) -> 
     ]
 
 
-def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bool) -> float:
-    """One training run (``fit``, then ``test`` when asked) into ``folder``; -> wall seconds."""
+def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bool, lock: int) -> float:
+    """One training run (``fit``, then ``test`` when asked) into ``folder``, whose ``lock`` it holds
+    too; -> wall seconds."""
     args = _cli_args(configs, folder, seed, extra)
     command = [sys.executable, "-m", "flexvlm", "fit", *args, "--trainer.enable_progress_bar", "false",
                "--test_after_fit", str(test).lower()]
-    folder.mkdir(parents=True, exist_ok=True)
     print(f"[protocol] {folder}: {' '.join(command)}", flush=True)
     start = time.monotonic()
-    code = run_command(command, str(folder / "protocol.log"))
+    code = run_command(command, str(folder / "protocol.log"), keep_open=(lock,))
     if code != 0:
         raise RuntimeError(f"run failed (exit {code}): see {folder / 'protocol.log'}")
     return time.monotonic() - start
+
+
+def _record(configs: list[str], seed: int, extra: list[str], init: Path | None = None) -> dict:
+    """What a run is given, which a finished run must match to be reused (``flexvlm.runs``): its
+    configs' content, seed and extra arguments, and when the stage-1 weights it starts from were
+    written (a retrained stage 1 retrains its stage 2)."""
+    return {"configs": config_contents(configs), "seed": seed, "extra": extra,
+            "init_written": written(init) if init is not None else None}
 
 
 def _last_value(folder: Path, column: str) -> float:
@@ -138,13 +150,16 @@ class Runner:
         """The stage-1 checkpoint of ``study`` and ``seed``, trained when missing."""
         folder = self.save_dir / study.name / STAGE1 / f"seed{seed}"
         ckpt = folder / "checkpoints" / "last.ckpt"
-        if not (folder / "done.json").is_file():
-            p = self.protocol
-            wall = _fit([p.base, *study.files, p.stage1], folder, seed, [], test=True)
+        configs = [self.protocol.base, *study.files, self.protocol.stage1]
+
+        def train(lock: int) -> None:
+            wall = _fit(configs, folder, seed, [], test=True, lock=lock)
             if not ckpt.is_file():
-                raise RuntimeError(f"stage 1 left no {ckpt}: its config needs a ModelCheckpoint that saves "
-                                   f"the final weights as last.ckpt (save_last, a step interval dividing max_steps)")
-            (folder / "done.json").write_text(json.dumps({"wall_s": wall}))
+                raise RuntimeError(f"stage 1 left no {ckpt}: its config needs a ModelCheckpoint with save_last")
+            (folder / DONE).write_text(json.dumps({"wall_s": wall}))
+
+        reuse_or_train(folder, _record(configs, seed, []), f"[protocol] {study.name} stage 1 seed {seed}", train,
+                       reuse=lambda: None, finished=DONE)
         return ckpt
 
     def stage2(self, study: Study, mode: str, seed: int, schedule: str, test: bool = True) -> dict:
@@ -152,11 +167,13 @@ class Runner:
         p = self.protocol
         name = mode if test else f"{mode}-{schedule}"
         folder = self.save_dir / study.name / name / f"seed{seed}"
-        done = folder / "done.json"
-        if not done.is_file():
-            init = self.stage1(study, seed)
-            extra = [*p.candidates[schedule], "--model.init_from", str(init.resolve())]
-            wall = _fit([p.base, *study.files, p.mode_file(mode), p.stage2], folder, seed, extra, test=test)
+        done = folder / DONE
+        configs = [p.base, *study.files, p.mode_file(mode), p.stage2]
+        init = self.stage1(study, seed)
+        extra = [*p.candidates[schedule], "--model.init_from", str(init.resolve())]
+
+        def train(lock: int) -> None:
+            wall = _fit(configs, folder, seed, extra, test=test, lock=lock)
             result = {"wall_s": round(wall)}
             if test:
                 metrics = json.loads((folder / "metrics.json").read_text())
@@ -164,10 +181,12 @@ class Runner:
             else:
                 result["val_accuracy"] = _last_value(folder, "val/accuracy")
             done.write_text(json.dumps(result))
+
+        reuse_or_train(folder, _record(configs, seed, extra, init), f"[protocol] {study.name} {name} seed {seed}",
+                       train, reuse=lambda: None, finished=DONE)
         result = json.loads(done.read_text())
         if test and "mflops_per_sample" not in result:  # counted once, also for runs finished before
-            cli = build_quietly(_cli_args([p.base, *study.files, p.mode_file(mode), p.stage2], folder, seed,
-                                          p.candidates[schedule]))
+            cli = build_quietly(_cli_args(configs, folder, seed, p.candidates[schedule]))
             result["mflops_per_sample"] = trained_cost(cli, folder / "checkpoints" / "last.ckpt")["mflops_per_sample"]
             done.write_text(json.dumps(result))
         return {"study": study.name, "config": name, "seed": seed, "schedule": schedule, **result}
@@ -193,7 +212,7 @@ class Runner:
                 metrics = json.loads((stage1.parent.parent / "metrics.json").read_text())
                 rows.append({"study": study.name, "config": STAGE1, "seed": seed, "schedule": "-",
                              "accuracy": metrics["test/accuracy"], "hr_fraction": None,
-                             **json.loads((stage1.parent.parent / "done.json").read_text())})
+                             **json.loads((stage1.parent.parent / DONE).read_text())})
                 rows += [self.stage2(study, mode, seed, chosen) for mode in study.modes]
         report = {"schedule": chosen, "schedule_rows": schedule_rows, "rows": rows, "summary": summarise(rows)}
         report["targets"] = check_targets(report["summary"], p.targets) if p.targets else []

@@ -6,10 +6,12 @@ over the old one (``os.replace``: atomic within a filesystem, unlike a copy from
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import uuid
 import warnings
@@ -20,6 +22,8 @@ from typing import IO, Any, Callable
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from flexvlm.weights import read_state_dict
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -51,6 +55,45 @@ def check_writable(folder: Path, what: str) -> None:
                               "(trainer.default_root_dir, the logger's save_dir, ModelCheckpoint's dirpath)") from err
 
 
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free space of the filesystem that holds ``folder`` (or would, once created)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """About what one checkpoint of ``module`` takes: its tensors, and AdamW's two moments of each
+    trained parameter (a sharded parameter counts whole: the checkpoint gathers it)."""
+    weights = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in module.parameters())
+    return weights + sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Fail now, not at the first save, if ``folder`` (a local one) cannot hold ``needed`` bytes."""
+    if "://" in str(folder):
+        return
+    free = _free_bytes(folder)
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{what} {folder} has {_size(free)} free, and one checkpoint of this model takes "
+                                    f"about {_size(needed)}: free some space or choose another folder "
+                                    "(trainer.default_root_dir, the logger's save_dir, ModelCheckpoint's dirpath)")
+
+
+def _is_out_of_space(error: BaseException | None) -> bool:
+    """Whether ``error`` or what it arose from is ENOSPC: torch's zip writer raises a RuntimeError of
+    its own (inline_container.cc) after the file's write failed."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temporary file in the checkpoint's own folder, then ``os.replace``: a
     run killed while saving leaves the previous checkpoint whole. Remote paths (``s3://...``) are
@@ -61,7 +104,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        write_atomic(Path(path), lambda f: torch.save(checkpoint, f))
+        try:
+            write_atomic(Path(path), lambda f: torch.save(checkpoint, f))
+        except (OSError, RuntimeError) as err:
+            if not _is_out_of_space(err):
+                raise
+            raise OSError(errno.ENOSPC, f"no space left to save the checkpoint {path} ({_size(_free_bytes(Path(path)))} "
+                                        "free): the previous checkpoint there is kept whole; free some space and resume "
+                                        "from it (--ckpt_path)") from err
+
+
+RUN_CHECKPOINT = "a Lightning checkpoint of a flexvlm run (e.g. <run folder>/checkpoints/last.ckpt)"
+
+
+def read_run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A run's Lightning checkpoint, its tensors memory-mapped (cheap to open); a path that is not one
+    (missing, empty, not written by ``torch.save``, without ``state_dict``) is an error that names it
+    and what was expected."""
+    checkpoint = read_state_dict(path, RUN_CHECKPOINT)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not {RUN_CHECKPOINT}: no 'state_dict', it holds keys {sorted(checkpoint)[:10]}")
+    return checkpoint
 
 
 def keep_log_before_resume(folder: Path, checkpoint: str) -> None:
@@ -71,7 +134,7 @@ def keep_log_before_resume(folder: Path, checkpoint: str) -> None:
     log = folder / "metrics.csv"
     if not (log.is_file() and Path(checkpoint).is_file()):
         return
-    step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)["global_step"]
+    step = read_run_checkpoint(checkpoint)["global_step"]
     with open(log, newline="") as f:
         reader = csv.DictReader(f)
         rows = [row for row in reader if int(row["step"]) < step]
@@ -145,17 +208,29 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 class SkipLog:
-    """``skipped.jsonl``: each bad sample a run left out (stage, where, id, what, fix), written as it
-    is found. A sample met again (another epoch, a resumed run) is counted once."""
+    """``skipped.jsonl``: each bad sample a run left out (stage, where, id, what, fix), written (and
+    warned about) as it is first found: a sample met again (another epoch, a run resumed on this
+    folder) is not written again. Under DDP each process keeps its own record of what is written, so
+    ``count`` counts each sample once."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "skipped.jsonl"
+        self._written = {self._key(r["stage"], r) for r in read_lines(self.path)}  # by an earlier run too
+
+    @staticmethod
+    def _key(stage: str, problem: dict[str, Any]) -> tuple[str, str, str | None]:
+        return stage, problem["where"], problem["sample_id"]
 
     def add(self, stage: str, problems: list[dict[str, Any]], warn: bool = True) -> None:
-        for problem in problems if warn else []:
+        new = []
+        for problem in problems:
+            if self._key(stage, problem) not in self._written:
+                self._written.add(self._key(stage, problem))
+                new.append(problem)
+        for problem in new if warn else []:
             sample = f" (id {problem['sample_id']})" if problem.get("sample_id") is not None else ""
             warnings.warn(f"{stage}: skipped bad sample {problem['where']}{sample}: {problem['what']}", stacklevel=2)
-        append_lines(self.path, ({"stage": stage, **p} for p in problems))
+        append_lines(self.path, ({"stage": stage, **p} for p in new))
 
     def count(self, stage: str) -> int:
         return len({(r["where"], r["sample_id"]) for r in read_lines(self.path) if r["stage"] == stage})

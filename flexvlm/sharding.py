@@ -4,6 +4,7 @@ module, telling a shard from a plain tensor, gathering one. Public in ``torch.di
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -16,6 +17,11 @@ def _dtensor_api() -> Any:
     if not hasattr(api, "DTensor"):  # torch 2.4: under the private name
         import torch.distributed._tensor as api
     return api
+
+
+def _dtensor_utils() -> Any:
+    """The DTensor helpers beside its API (``compute_local_shape_and_global_offset``)."""
+    return importlib.import_module(f"{_dtensor_api().__name__}._utils")
 
 
 def _fsdp2_api() -> Any:
@@ -37,11 +43,21 @@ def is_fully_sharded(module: nn.Module) -> bool:
     return torch.distributed.is_available() and isinstance(module, _fsdp2_api().FSDPModule)
 
 
+def _reduced(flags: Tensor, op: Any) -> Tensor:
+    flags = flags.to(torch.int32)
+    torch.distributed.all_reduce(flags, op=op)
+    return flags.bool()
+
+
 def all_processes(flag: Tensor) -> bool:
     """Whether a boolean ``flag`` holds on every process (a collective: every process calls it)."""
-    flag = flag.to(torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag)
+    return bool(_reduced(flag, torch.distributed.ReduceOp.MIN))
+
+
+def on_any_process(flags: Tensor) -> Tensor:
+    """Which of the boolean ``flags`` hold on at least one process (a collective: every process
+    calls it with as many flags)."""
+    return _reduced(flags, torch.distributed.ReduceOp.MAX)
 
 
 def full_value(tensor: Tensor) -> Tensor:
@@ -50,9 +66,21 @@ def full_value(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def _local_part(tensor: Tensor, shard: Tensor) -> Tensor:
+    """The part of a whole ``tensor`` that this process holds of ``shard``: a view, nothing read yet."""
+    sizes, offsets = _dtensor_utils().compute_local_shape_and_global_offset(tensor.shape, shard.device_mesh,
+                                                                            shard.placements)
+    return tensor[tuple(slice(offset, offset + size) for offset, size in zip(offsets, sizes))]
+
+
 def placed_like(tensor: Tensor, shard: Tensor) -> Tensor:
-    """A whole ``tensor`` sharded as ``shard`` is (scattered from process 0): what this process keeps."""
-    return _dtensor_api().distribute_tensor(tensor.to(shard.device), shard.device_mesh, shard.placements)
+    """A whole ``tensor`` sharded as ``shard`` is: this process's part alone, cut on the host and then
+    moved to the shard's device. Every process cuts its part from its own copy (each maps the same
+    weights file), so a tensor of a memory-mapped file is read by each process only where its part
+    lies, and nothing is sent between processes."""
+    local = _local_part(tensor, shard).to(shard.device)
+    return _dtensor_api().DTensor.from_local(local, shard.device_mesh, shard.placements, run_check=False,
+                                             shape=shard.shape, stride=shard.stride())
 
 
 def fully_shard(module: nn.Module, mesh: Any) -> None:

@@ -14,10 +14,17 @@ An entry is one YAML, a folder of them, or several joined by '+' that stack in t
 entry whose files set ``ckpt_path`` is evaluated (``test``) after the training runs, on the
 checkpoint of the same grid point and seed (its ``/sweep/`` folder becomes the run's); any other
 is trained and tested (``fit --test_after_fit true``). A run's folder is
-``<logger save_dir>/<name>/<version>``, the version naming its grid point and seed; a run whose
-folder holds its metrics is reused (unless ``--rerun``), so an interrupted sweep picks up where it
-stopped. After each run the FLOPs of a whole greedy generation per sample are counted on the first
-test batch.
+``<logger save_dir>/<name>/<version>`` as its command line resolves (configs, grid point,
+``--extra``), the version naming its grid point and seed; two runs of one sweep may not share one.
+
+A finished run is reused only if it was given the same: each config's content, the grid point, the
+seed, the extra arguments, and for an evaluation when its checkpoint was written
+(``flexvlm.runs``, which also says what happens to a folder that is not reused, how a folder is
+locked while its run trains, and that a run dies with its sweep on Linux, even one killed by
+SIGKILL). So an interrupted sweep picks up where it stopped, and a changed config or ``--extra``
+trains again; ``--rerun`` trains every run again. Jobs of ``--launcher submitit`` belong to the
+scheduler: the lock cannot follow them, and a killed sweep leaves them running. After each run the
+FLOPs of a whole greedy generation per sample are counted on the first test batch.
 
 ``--file`` reads the same settings from a YAML (``entries``, ``base``, ``grid`` {key: [values]},
 ``seeds``, ``extra``, ``out``, ``jobs``, ``launcher``, ``cluster``, ``submitit`` {parameter:
@@ -35,7 +42,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,10 +54,12 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import Namespace
 
-from flexvlm.cli import main as cli_main
+from flexvlm.cli import FlexVLMCLI, build
 from flexvlm.flops import generation_flops
 from flexvlm.plots import accuracy_flops_plot
+from flexvlm.runs import config_contents, reuse_or_train, run_command, written
 
 VERSION = "sweep"  # the version folder of a run without grid point or seed; evaluation entries name it
 SUMMARY_COLUMNS = ["config", "mode", "selection", "accuracy", "accuracy_std", "seeds", "hr_fraction",
@@ -99,13 +107,14 @@ class Run:
             args += ["--seed_everything", str(self.seed), "--data.init_args.shuffle_seed", str(self.seed)]
         return args + extra
 
-    def folder(self, base: str) -> Path:
-        """<save_dir>/<name>/<version> of the stacked configs' logger."""
-        logger: dict = {}
-        for file in [base, *self.files]:
-            config = yaml.safe_load(Path(file).read_text()) or {}
-            logger.update(config.get("trainer", {}).get("logger", {}).get("init_args", {}))
-        return Path(logger["save_dir"]) / logger["name"] / self.version
+    def record(self, base: str, extra: list[str]) -> dict:
+        """What the run is given, which a finished run must match to be reused
+        (``flexvlm.runs.reuse_or_train``): each config's content, the grid point, the seed, the extra
+        arguments, and when the checkpoint it evaluates was written (a retrained checkpoint is
+        evaluated again)."""
+        checkpoint = self.checkpoint()
+        return {"configs": config_contents([base, *self.files]), "overrides": self.overrides, "seed": self.seed,
+                "extra": list(extra), "checkpoint_written": written(checkpoint) if checkpoint else None}
 
 
 def expand(entries: list[str], grid: dict[str, list[str]], seeds: list[int]) -> list[Run]:
@@ -117,21 +126,18 @@ def expand(entries: list[str], grid: dict[str, list[str]], seeds: list[int]) -> 
     missing = sorted({f for files in stacks for f in files if not Path(f).is_file()})
     if missing:
         raise SystemExit(f"no such config: {', '.join(missing)}")
+    # absolute paths: the threads of a sweep read them while another builds a CLI, which changes
+    # the working folder
+    stacks = [[str(Path(f).absolute()) for f in files] for files in stacks]
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     return [Run(files, point, seed) for files in stacks for point in points for seed in (seeds or [None])]
-
-
-def run_command(command: list[str], log: str) -> int:
-    """One run as a subprocess, its output in ``log`` (a submitit job calls this too)."""
-    with open(log, "w") as f:
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
 
 
 class Launcher:
     """Runs a command here (a subprocess) or as a submitit job; ``jobs`` threads call it at once."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        self.cwd = os.getcwd()  # read now: a thread building a CLI changes it for a while
         self.executor = None
         if args.launcher == "submitit":
             import submitit  # an optional dependency: pip install 'flexvlm[cluster]'
@@ -139,11 +145,12 @@ class Launcher:
             self.executor = submitit.AutoExecutor(folder=Path(args.out) / "submitit", cluster=args.cluster)
             self.executor.update_parameters(**args.submitit)
 
-    def run(self, command: list[str], log: Path) -> int:
-        """Runs ``command`` and waits for it; -> its exit status."""
+    def run(self, command: list[str], log: Path, lock: int) -> int:
+        """Runs ``command`` and waits for it; -> its exit status. A subprocess inherits the run folder's
+        ``lock``, so that the lock lasts while it runs; a submitit job runs where it cannot."""
         if self.executor is None:
-            return run_command(command, str(log))
-        return self.executor.submit(run_command, command, str(log)).result()
+            return run_command(command, str(log), self.cwd, keep_open=(lock,))
+        return self.executor.submit(run_command, command, str(log), self.cwd).result()
 
 
 class Progress:
@@ -165,15 +172,20 @@ class Progress:
             print(f"[sweep] run {self.done} of {self.total} done ({label}){left}", flush=True)
 
 
-SUMMARY_LOCK = threading.Lock()  # building a CLI changes the working folder: one at a time
+CLI_LOCK = threading.Lock()  # building a CLI changes the working folder: one at a time
 
 
-def execute(run: Run, args: argparse.Namespace, launcher: Launcher, progress: Progress) -> dict:
-    folder = run.folder(args.base)
-    if (folder / "metrics.json").is_file() and not args.rerun:
-        print(f"[sweep] {run.label}: finished before in {folder}, reused (--rerun trains again)", flush=True)
+def execute(run: Run, folder: Path, args: argparse.Namespace, launcher: Launcher, progress: Progress) -> dict:
+    """Reuses or trains ``run`` in ``folder``, holding the folder's lock throughout; -> its row."""
+    def reuse() -> dict:
         progress.finished(run.label, None)
         return measure(run, args)
+
+    return reuse_or_train(folder, run.record(args.base, args.extra), f"[sweep] {run.label}",
+                          lambda lock: train(run, args, launcher, progress, lock), reuse, rerun=args.rerun)
+
+
+def train(run: Run, args: argparse.Namespace, launcher: Launcher, progress: Progress, lock: int) -> dict:
     checkpoint = run.checkpoint()
     subcommand = "test" if checkpoint else "fit"
     command = [sys.executable, "-m", "flexvlm", subcommand, *run.cli_args(args.base, args.extra)]
@@ -184,7 +196,7 @@ def execute(run: Run, args: argparse.Namespace, launcher: Launcher, progress: Pr
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {run.label}: {' '.join(command)}", flush=True)
     start = time.monotonic()
-    code = launcher.run(command, log)
+    code = launcher.run(command, log, lock)
     progress.finished(run.label, time.monotonic() - start)
     if code != 0:
         print(f"[sweep] {run.label} FAILED (exit {code}), see {log}", flush=True)
@@ -192,14 +204,22 @@ def execute(run: Run, args: argparse.Namespace, launcher: Launcher, progress: Pr
     return measure(run, args)
 
 
-def measure(run: Run, args: argparse.Namespace) -> dict:
-    with SUMMARY_LOCK:
-        return _measure(run, args)
+class ConfigOnly(FlexVLMCLI):
+    """The CLI that parses a run's arguments and builds nothing: its ``config`` is what the run
+    resolves (no thread count set, no seed drawn in this process)."""
+
+    def _set_seed(self) -> None:  # LightningCLI's step that would seed this process
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
 
 
-def _measure(run: Run, args: argparse.Namespace) -> dict:
-    """Metrics of the finished run, and FLOPs per sample of its model on the first test batch.
-    Wall time: from the run's saved config (written as it starts) to its metrics (written last)."""
+def run_cli(run: Run, args: argparse.Namespace, cli_class: type[FlexVLMCLI] = FlexVLMCLI) -> Any:
+    """The CLI of the run's arguments built with run=False (the caller holds CLI_LOCK)."""
     with tempfile.TemporaryDirectory() as tmp:
         # ckpt_path belongs to a subcommand: the parser built without one (run=False) rejects it
         stripped = []
@@ -208,7 +228,39 @@ def _measure(run: Run, args: argparse.Namespace) -> dict:
             config.pop("ckpt_path", None)
             stripped.append(str(Path(tmp) / f"{i}.yaml"))
             Path(stripped[-1]).write_text(yaml.safe_dump(config))
-        cli = build_quietly(Run(stripped, run.overrides, run.seed).cli_args(args.base, args.extra))
+        return build_quietly(Run(stripped, run.overrides, run.seed).cli_args(args.base, args.extra), cli_class)
+
+
+def run_folder(run: Run, args: argparse.Namespace) -> Path:
+    """<save_dir>/<name>/<version> of the run's logger as its command line resolves it (absolute)."""
+    with CLI_LOCK:
+        logger = run_cli(run, args, ConfigOnly).config.trainer.logger
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is None or init.get("save_dir") is None or init.get("name") is None:
+            raise SystemExit(f"{run.label}: a sweep's runs need a logger with save_dir and name (CSVLogger, "
+                             f"TensorBoardLogger), not {logger}")
+        return (Path(init.save_dir) / str(init.name) / init.version).absolute()
+
+
+def run_folders(runs: list[Run], args: argparse.Namespace) -> list[Path]:
+    """Each run's folder, checked to be its own."""
+    folders = [run_folder(run, args) for run in runs]
+    for folder in {f for f in folders if folders.count(f) > 1}:
+        shared = [run.label for run, f in zip(runs, folders) if f == folder]
+        raise SystemExit(f"runs {', '.join(shared)} would share the folder {folder}: give each entry its own "
+                         f"trainer.logger.init_args.name")
+    return folders
+
+
+def measure(run: Run, args: argparse.Namespace) -> dict:
+    with CLI_LOCK:
+        return _measure(run, args)
+
+
+def _measure(run: Run, args: argparse.Namespace) -> dict:
+    """Metrics of the finished run, and FLOPs per sample of its model on the first test batch.
+    Wall time: from the run's saved config (written as it starts) to its metrics (written last)."""
+    cli = run_cli(run, args)
     log_dir = Path(cli.trainer.log_dir)
     metrics = json.loads((log_dir / "metrics.json").read_text())
     wall = (log_dir / "metrics.json").stat().st_mtime - (log_dir / "config.yaml").stat().st_mtime
@@ -221,12 +273,12 @@ def _measure(run: Run, args: argparse.Namespace) -> dict:
     }
 
 
-def build_quietly(cli_args: list[str]) -> Any:
+def build_quietly(cli_args: list[str], cli_class: type[FlexVLMCLI] = FlexVLMCLI) -> Any:
     """The LightningCLI of a run's arguments, nothing run (its warning that this process has its own
     command line silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cli_main(cli_args, run=False)
+        return build(cli_class, cli_args, run=False)
 
 
 def trained_cost(cli: Any, checkpoint: Path) -> dict:
@@ -319,7 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=["local", "submitit"], help="subprocesses here, or submitit jobs")
     parser.add_argument("--cluster", help="submitit's cluster: slurm (default), local or debug")
     parser.add_argument("--submitit", nargs="+", default=[], help="executor parameters, name=value")
-    parser.add_argument("--rerun", action="store_true", help="train again runs that finished before")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train again runs that finished before (each moved to <folder>.old<N> first)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, help="arguments passed to every run")
     args = parser.parse_args(argv)
     file = yaml.safe_load(Path(args.file).read_text()) if args.file else {}
@@ -331,6 +384,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, default in defaults.items():
         if getattr(args, key) in (None, []):
             setattr(args, key, file.get(key, default))
+    args.base, args.out = str(Path(args.base).absolute()), str(Path(args.out).absolute())  # as in expand()
     args.entries = args.entries or file.get("entries", [])
     if not args.entries:
         raise SystemExit("no entries: name configs on the command line or under `entries` in --file")
@@ -346,12 +400,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     runs = expand(args.entries, args.grid, args.seeds)
-    training = [run for run in runs if run.checkpoint() is None]
-    evaluation = [run for run in runs if run.checkpoint() is not None]
+    planned = list(zip(runs, run_folders(runs, args)))
+    training = [(run, folder) for run, folder in planned if run.checkpoint() is None]
+    evaluation = [(run, folder) for run, folder in planned if run.checkpoint() is not None]
     launcher, progress = Launcher(args), Progress(len(runs), args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda run: execute(run, args, launcher, progress), training))
-    rows += [execute(run, args, launcher, progress) for run in evaluation]
+        rows = list(pool.map(lambda planned_run: execute(*planned_run, args, launcher, progress), training))
+    rows += [execute(run, folder, args, launcher, progress) for run, folder in evaluation]
     return write_tables(rows, Path(args.out))
 
 

@@ -17,6 +17,7 @@ from flexvlm.data.datamodule import LlavaDataModule
 from flexvlm.data.problems import BadSample
 from flexvlm.data.tokenizer import load_tokenizer
 
+from test_data_image import write_png
 from test_data_tokenizer import write_hf_tokenizer
 
 LIMITS = SequenceLimits(vocab_size=160, max_length=200, max_prompt_length=190)  # a sample here is ~100 ids
@@ -60,6 +61,14 @@ def _image(size=(24, 16), mode="RGB", damage=None):
     return spoil
 
 
+def _claimed_size(width: int, height: int):
+    """A small PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's shape)."""
+    def spoil(entry, folder):
+        entry["image"] = "bomb.png"
+        write_png(folder / "bomb.png", width, height)
+    return spoil
+
+
 def _turns(*turns):
     return _set("conversations", list(turns))
 
@@ -70,6 +79,10 @@ LLAVA_CASES = {
     "non-image bytes": (_image(damage="text"), "cannot decode image", "error"),
     "1x1 image": (_image(size=(1, 1)), "1 x 1 pixels, under 8 on a side", "error"),
     "8000x100 image": (_image(size=(8000, 100)), "8000 x 100 pixels, an aspect ratio over 20", "error"),
+    # over Pillow's default limit (max_image_pixels' default), and over twice it, where Pillow raises
+    "image over max_image_pixels": (_claimed_size(10000, 9000), "10000 x 9000 pixels, over the limit of 89478485",
+                                    "error"),
+    "decompression bomb": (_claimed_size(20000, 10000), "could be decompression bomb", "error"),
     "rgba image": (_image(mode="RGBA"), "the image has transparency", "warning"),
     "empty conversations": (_set("conversations", []), "'conversations' is missing or empty", "error"),
     "no conversations key": (lambda entry, folder: entry.pop("conversations"), "'conversations' is missing", "error"),
@@ -236,6 +249,25 @@ def test_textvqa_bad_question_is_named_and_left_out(case, tmp_path, tokenizer_di
         BenchmarkDataModule(reader, str(tokenizer_dir), image_size=48, on_bad_sample="error").setup("test")
 
 
+def test_max_image_pixels_makes_a_larger_image_a_bad_question(tmp_path, tokenizer_dir):
+    reader = _textvqa(tmp_path, lambda e: None)
+    _picture(tmp_path / "images" / "img1.jpg", (40, 30))  # 1,200 pixels; the others 24 x 16, 384
+    what = "img1.jpg: 40 x 30 pixels, over the limit of 1000 (data.init_args.max_image_pixels)"
+    data = BenchmarkDataModule(reader, str(tokenizer_dir), image_size=48, max_image_pixels=1000)
+    [problem], _ = check_splits(data, LIMITS)
+    assert problem.sample_id == "1" and what in problem.what
+    data.setup("test")
+    data.fit_to_model(LIMITS)
+    [batch] = list(data.test_dataloader())
+    assert batch["question_id"] == ["0", "2"] and what in batch["skipped"][0]["what"]
+    strict = BenchmarkDataModule(reader, str(tokenizer_dir), image_size=48, max_image_pixels=1000,
+                                 on_bad_sample="error")
+    strict.setup("test")
+    strict.fit_to_model(LIMITS)
+    with pytest.raises(ValueError, match=r"textvqa.json entry 1 \(id 1\): image too large"):
+        list(strict.test_dataloader())
+
+
 def test_answers_of_a_string_never_reach_scoring_as_characters(tmp_path, tokenizer_dir):
     """Even from a reader of one's own: the collator refuses answers that are not a list of strings."""
     data = BenchmarkDataModule(_textvqa(tmp_path, lambda e: None), str(tokenizer_dir), image_size=48)
@@ -284,3 +316,50 @@ def test_check_data_on_a_benchmark_reports_reader_and_image_problems(tmp_path, t
 
 def test_tokenizer_fixture_is_what_the_limits_assume(tokenizer_dir):
     assert load_tokenizer(tokenizer_dir).vocab_size == 149 < LIMITS.vocab_size
+
+
+# --- ids shared by two samples -------------------------------------------------------------------
+
+def _questions_with_a_shared_id(root: Path) -> LlavaQuestions:
+    """Four questions, the first and the third with id 7."""
+    for name in ("a.jpg", "b.jpg"):
+        _picture(root / name)
+    lines = [{"question_id": qid, "image": "a.jpg", "text": "What is it?", "answer": "a cat"} for qid in (7, 8, 7, 9)]
+    _write(root / "q.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    return LlavaQuestions(str(root / "q.jsonl"), str(root))
+
+
+@pytest.mark.parametrize("on_bad_sample", ["skip", "error"])
+def test_evaluation_refuses_questions_that_share_an_id_at_setup(on_bad_sample, tmp_path, tokenizer_dir):
+    """answers.jsonl and a restarted test know a question by its id: of the two, one would be lost."""
+    data = BenchmarkDataModule(_questions_with_a_shared_id(tmp_path), str(tokenizer_dir), image_size=48,
+                               on_bad_sample=on_bad_sample)
+    with pytest.raises(ValueError, match=r"the test split has 1 questions with the id of an earlier one.*\n"
+                                         r".*q.jsonl line 3 \(id 7\): .*q.jsonl line 1 has the same id"):
+        data.setup("test")
+
+
+def test_check_data_names_a_shared_id_and_both_entries(tmp_path, tokenizer_dir):
+    data = BenchmarkDataModule(_questions_with_a_shared_id(tmp_path), str(tokenizer_dir), image_size=48)
+    [problem], sizes = check_splits(data, LIMITS)
+    assert sizes == {"test": 4}
+    assert (problem.where, problem.sample_id, problem.severity) == (f"{tmp_path / 'q.jsonl'} line 3", "7", "error")
+    assert problem.what == f"{tmp_path / 'q.jsonl'} line 1 has the same id"
+
+
+def test_a_shared_id_in_training_data_is_a_warning_and_both_samples_train(tmp_path, tokenizer_dir):
+    """LLaVA-style training sets share ids between conversations about one image: ids only name them."""
+    path = _llava_set(tmp_path)
+    entries = json.loads(path.read_text())
+    entries[3]["id"] = "1"
+    path.write_text(json.dumps(entries))
+    data = _llava_data(tmp_path, tokenizer_dir, test_json=str(path))
+    problems, _ = check_splits(data, LIMITS)
+    assert [(p.where, p.sample_id, p.severity) for p in problems] == [
+        (f"{path} entry 3", "1", "warning"), (f"{path} entry 3", "1", "error")]  # train, then test
+    data.setup("fit")
+    data.fit_to_model(LIMITS)
+    [batch] = list(data.train_dataloader())
+    assert sorted(batch["question_id"]) == ["0", "1", "1", "2"]
+    with pytest.raises(ValueError, match=r"entry 3 \(id 1\): .*train.json entry 1 has the same id"):
+        data.setup("test")

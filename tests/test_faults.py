@@ -4,7 +4,11 @@ written atomically into a folder checked at startup, an evaluation restarted aft
 resumed run's log."""
 
 import csv
+import errno
+import re
+import subprocess
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -15,9 +19,11 @@ from PIL import Image
 
 from flexvlm.cli import main
 from flexvlm.data.check import main as check_data
+from flexvlm.models.vision import OpenClipBackbone
 from flexvlm.run_files import AtomicCheckpointIO, update_metrics_file
+from flexvlm.weights import read_state_dict
 
-from test_cli import BASE, Crash, _small
+from test_cli import BASE, ROOT, Crash, _small
 from test_data_tokenizer import write_hf_tokenizer
 from test_evaluation import _reader, _textvqa, _tiny_run_config
 from test_evaluation import tokenizer_dir  # noqa: F401 (a fixture: a word-level tokenizer)
@@ -226,3 +232,145 @@ def test_resumed_run_continues_in_its_own_folder(tmp_path, recwarn):
              for name in ("metrics.before_step_2.csv", "metrics.csv")}
     assert steps == {"metrics.before_step_2.csv": [0, 1], "metrics.csv": [2, 3]}  # each step once
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def _checkpoint_every(tmp_path: Path, steps: int) -> str:
+    config = tmp_path / f"checkpoint_every_{steps}_steps.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                      f"      init_args:\n        save_last: true\n        every_n_train_steps: {steps}\n")
+    return str(config)
+
+
+def test_last_checkpoint_holds_the_final_step_when_the_interval_does_not_divide_it(tmp_path):
+    cli = main(["fit", "--config", BASE, "--config", _checkpoint_every(tmp_path, 3), *_small(tmp_path),
+                "--trainer.max_steps", "5"])
+    state = torch.load(tmp_path / "run" / "v" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 5
+    for name, tensor in cli.model.state_dict().items():
+        assert torch.equal(state["state_dict"][name], tensor), name
+
+
+def test_answer_source_is_the_same_for_the_same_weights_and_settings_built_twice(tmp_path):
+    """What a restarted test compares: two builds of one config (as two processes would make) agree;
+    another strategy setting does not."""
+    args = ["--config", BASE, "--config", str(ROOT / "experiments" / "synthetic" / "flex_attention_ratio.yaml"),
+            *_small(tmp_path)]
+    first, second = (main(args, run=False).model for _ in range(2))
+    assert first.model.selection is not second.model.selection
+    assert first._answer_source() == second._answer_source()
+    assert "0x" not in repr(first.model.selection)
+    other = main([*args, "--model.model.init_args.selection.init_args.ratio", "0.25"], run=False).model
+    assert other._answer_source() != first._answer_source()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.model.init_args.num_sa_layers", "3"], r"num_sa_layers must be in \[1, 2\] for mode 'flex' .*no layer "
+                                                     r"would attend to high-res tokens"),
+    (["--config", str(ROOT / "experiments" / "synthetic" / "xattn.yaml"), "--model.model.init_args.selection",
+      "random"], r"mode 'xattn' selects no high-res tokens, but a selection strategy is given"),
+    (["--config", str(ROOT / "experiments" / "synthetic" / "lr_only.yaml"), "--model.model.init_args.selection",
+      "attention"], r"mode 'lr_only' selects no high-res tokens"),
+    (["--model.model.init_args.selection.init_args.ratio", "0.25"], r"a threshold or a budget, not both"),
+])
+def test_settings_that_contradict_each_other_are_refused_with_the_reason(override, message, tmp_path, capsys):
+    with pytest.raises((ValueError, SystemExit)) as error:
+        main(["--config", BASE, *_small(tmp_path), *override], run=False)
+    text = str(error.value) + capsys.readouterr().err
+    assert re.search(message, text), text[-2000:]
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB filesystem of its own (tmpfs), where a checkpoint runs out of space for real."""
+    folder = tmp_path / "tiny_fs"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_disk_too_small_for_one_checkpoint_fails_at_startup(tiny_filesystem):
+    cli = main(["--config", BASE, *_small(tiny_filesystem), "--trainer.max_steps", "2"], run=False)
+    with pytest.raises(OSError, match=r"the checkpoint folder .*tiny_fs.* free, and one checkpoint of this model "
+                                      r"takes about \d+\.\d MiB") as error:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert error.value.errno == errno.ENOSPC and cli.trainer.global_step == 0
+
+
+def test_running_out_of_space_while_saving_says_so_and_keeps_the_last_checkpoint(tiny_filesystem):
+    io, path = AtomicCheckpointIO(), tiny_filesystem / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    with pytest.raises(OSError, match=r"no space left to save the checkpoint .*last.ckpt .*kept whole") as error:
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(2**19)}, path)  # 2 MiB
+    assert error.value.errno == errno.ENOSPC
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_run_that_fails_at_startup_leaves_no_folder_holding_only_its_config(tmp_path):
+    cli = main(["--config", BASE, *_small(tmp_path), "--trainer.max_steps", "2"], run=False)
+    cli.datamodule.hparams.image_size = 48  # refused in the module's setup, after the config is saved
+    with pytest.raises(ValueError, match="images are 48 px"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert not (tmp_path / "run" / "v").exists()
+
+    kept = tmp_path / "run" / "v"  # a folder that holds more (a run resumed into it) stays
+    kept.mkdir(parents=True)
+    (kept / "checkpoints").mkdir()
+    (kept / "checkpoints" / "last.ckpt").write_bytes(b"")
+    cli = main(["--config", BASE, *_small(tmp_path), "--trainer.max_steps", "2"], run=False)
+    cli.datamodule.hparams.image_size = 48
+    with pytest.raises(ValueError, match="images are 48 px"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert (kept / "config.yaml").is_file() and (kept / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_progress_bar_of_a_step_bounded_run_names_its_steps_not_epoch_minus_two(tmp_path):
+    pytest.importorskip("rich")  # Lightning's default bar is the rich one only where rich is installed
+    cli = main(["--config", BASE, *_small(tmp_path), "--trainer.enable_progress_bar", "true"], run=False)
+    cli.trainer.fit_loop.max_epochs = -1  # what Trainer.fit makes of max_epochs None with max_steps
+    bar = cli.trainer.progress_bar_callback
+    bar._trainer = cli.trainer
+    assert bar._get_train_description(0).strip() == "Epoch 0 (of 600 steps)"
+
+
+def test_loading_a_clip_tower_logs_no_random_initialisation(caplog):
+    with caplog.at_level(logging.WARNING):
+        OpenClipBackbone("ViT-B-16", model_kwargs=dict(device="meta"))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is empty \(0 bytes\), expected a Lightning checkpoint of a flexvlm run"),
+    (b"not a checkpoint at all", r"was not written by torch.save \(it is no zip archive\), expected a Lightning"),
+    ("tensors", r"is not a Lightning checkpoint of a flexvlm run \(e.g. .*\): no 'state_dict', it holds keys "
+                r"\['weight'\]"),
+])
+@pytest.mark.parametrize("given_as", ["ckpt_path", "init_from"])
+def test_a_file_that_is_no_run_checkpoint_is_named_with_what_was_expected(content, message, given_as, tmp_path):
+    path = tmp_path / "given.ckpt"
+    if content == "tensors":
+        torch.save({"weight": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    args = ["--config", BASE, *_small(tmp_path), "--trainer.max_steps", "1"]
+    if given_as == "ckpt_path":
+        call = lambda: main(["fit", *args, "--ckpt_path", str(path)])  # noqa: E731
+    else:
+        call = lambda: main(["fit", *args, "--model.init_from", str(path)])  # noqa: E731
+    with pytest.raises(ValueError, match=message) as error:
+        call()
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("weights.bin", b"", r"weights.bin is empty \(0 bytes\), expected a state dict"),
+    ("weights.bin", b"garbage", r"weights.bin was not written by torch.save"),
+    ("weights.safetensors", b"garbage", r"weights.safetensors cannot be read as a state dict"),
+])
+def test_a_weights_file_that_holds_no_state_dict_is_named(name, content, message, tmp_path):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_state_dict(tmp_path / name)

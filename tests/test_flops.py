@@ -21,7 +21,7 @@ def _model(mode: str) -> FlexVLM:
     backbone = TimmBackbone("vit_tiny_patch16_224", model_kwargs=dict(
         img_size=32, patch_size=8, depth=2, embed_dim=24, num_heads=2))
     return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=NUM_SA[mode], zoom=ZOOM,
-                   selection=CenterSelection(top_k=TOP_K_BLOCKS)).eval()
+                   selection=CenterSelection(top_k=TOP_K_BLOCKS) if mode == "flex" else None).eval()
 
 
 def _batch() -> dict:

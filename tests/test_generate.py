@@ -17,7 +17,7 @@ def _model(mode, selection=None, **kwargs):
     torch.manual_seed(0)
     backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
     return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=0 if mode == "xattn" else 1,
-                   selection=selection or AttentionSelection(top_k=3), **kwargs).eval()
+                   selection=(selection or AttentionSelection(top_k=3)) if mode == "flex" else None, **kwargs).eval()
 
 
 def _prompts():

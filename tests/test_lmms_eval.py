@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -194,25 +195,35 @@ def _local_tasks(files: dict, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def lmms_run(run, files, tmp_path_factory) -> dict:
-    """``python -m lmms_eval --model flexvlm`` on both local tasks, offline; what it wrote."""
-    tmp = tmp_path_factory.mktemp("lmms")
+LOCAL_TASKS = ("textvqa_val_local", "vstar_bench_likelihood_local")
+
+
+def _lmms_eval(run: Path, files: dict, tmp: Path, launcher: list[str], **env: str) -> dict:
+    """lmms-eval's command line (``launcher``: how it is started, ``env`` its settings) with
+    ``--model flexvlm`` on both local tasks, offline; what it wrote."""
     tasks = _local_tasks(files, tmp / "tasks")
     answers_file = tmp / "flexvlm_answers.jsonl"
-    command = [sys.executable, "-m", "lmms_eval", "--model", "flexvlm",
+    command = [*launcher, "--model", "flexvlm",
                "--model_args", f"pretrained={run},max_new_tokens={ANSWER_LENGTH},answers_file={answers_file}",
-               "--include_path", str(tasks), "--tasks", "textvqa_val_local,vstar_bench_likelihood_local",
+               "--include_path", str(tasks), "--tasks", ",".join(LOCAL_TASKS),
                "--batch_size", str(BATCH), "--device", "cpu", "--output_path", str(tmp / "out"), "--log_samples"]
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf")}
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"), **env}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
     # a failed evaluation can exit 0: what counts is the results file
     found = sorted((tmp / "out").rglob("*_results.json"))
     assert found, f"no results file; exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     samples = {task: [json.loads(line) for line in next((tmp / "out").rglob(f"*_samples_{task}.jsonl")).open()]
-               for task in ("textvqa_val_local", "vstar_bench_likelihood_local")}
+               for task in LOCAL_TASKS}
+    answers = [json.loads(line) for file in sorted(tmp.glob("flexvlm_answers*.jsonl"))
+               for line in file.read_text().splitlines()]
     return {"results": json.loads(found[-1].read_text()), "samples": samples, "log": result.stdout + result.stderr,
-            "answers": [json.loads(line) for line in answers_file.read_text().splitlines()]}
+            "answers": answers}
+
+
+@pytest.fixture(scope="module")
+def lmms_run(run, files, tmp_path_factory) -> dict:
+    """``python -m lmms_eval --model flexvlm`` on both local tasks: what it wrote."""
+    return _lmms_eval(run, files, tmp_path_factory.mktemp("lmms"), [sys.executable, "-m", "lmms_eval"])
 
 
 def test_lmms_eval_scores_textvqa_as_flexvlm_test(flexvlm_scores, lmms_run):
@@ -259,6 +270,51 @@ def test_lmms_eval_finds_the_model_by_name_and_passes_its_arguments(lmms_run, ru
     import lmms_eval.models
 
     assert lmms_eval.models.get_model("flexvlm") is FlexVLMLmms
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _by_document(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r.get("task", ""), r["doc_id"]))
+
+
+def _leaves(value) -> list:
+    """The values in nested lists, tuples and dicts (each key before its value), in order, numbers
+    written as text (lmms-eval's losses) read: what pytest.approx compares."""
+    if isinstance(value, dict):
+        return [leaf for key in sorted(value) for leaf in [key, *_leaves(value[key])]]
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    try:
+        return [float(value)] if isinstance(value, str) else [value]
+    except ValueError:
+        return [value]
+
+
+def test_two_processes_score_as_one(run, files, lmms_run, tmp_path):
+    """lmms-eval on 2 CPU processes started by accelerate, as its README launches several: each
+    process answers its share of the documents (lmms-eval pads the shorter share with copies), and
+    lmms-eval gathers them. The same answers, losses and scores as one process; each answer once in
+    the answers files (one a process), padding left out."""
+    # `accelerate launch --cpu` starts one process whatever --num_processes says (several CPU
+    # processes need MPI there); its multi-process launcher (--multi_gpu) on the CPU, with gloo, does
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(_free_port()), "-m", "lmms_eval"]
+    two = _lmms_eval(run, files, tmp_path, launcher, ACCELERATE_USE_CPU="1")
+    assert "Running on rank 1" in two["log"] and sorted(p.name for p in tmp_path.glob("flexvlm_answers*")) == [
+        "flexvlm_answers.rank0.jsonl", "flexvlm_answers.rank1.jsonl"]
+    for task in LOCAL_TASKS:
+        assert two["results"]["results"][task] == pytest.approx(lmms_run["results"]["results"][task]), task
+        for sample, alone in zip(*(_by_document(r["samples"][task]) for r in (two, lmms_run)), strict=True):
+            assert sample["doc_id"] == alone["doc_id"]  # a response: an answer, or each option's (loss, greedy)
+            assert _leaves(sample["filtered_resps"]) == pytest.approx(_leaves(alone["filtered_resps"]), abs=1e-5)
+    answers = [_by_document(r["answers"]) for r in (two, lmms_run)]
+    assert len(answers[0]) == len(answers[1]) == len(TEXTVQA) + len(VSTAR)
+    assert _leaves(answers[0]) == pytest.approx(_leaves(answers[1]), abs=1e-5)
 
 
 # -- the adapter's requests, in this process ---------------------------------------------------------

@@ -16,7 +16,7 @@ def _model(mode):
     torch.manual_seed(0)
     backbone = PatchMLPBackbone(image_size=32, patch_size=8, embed_dim=24, hidden_dim=32)
     return FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode=mode, num_sa_layers=0 if mode == "xattn" else 1,
-                   selection=AttentionSelection(top_k=3), high_res_grad=True)
+                   selection=AttentionSelection(top_k=3) if mode == "flex" else None, high_res_grad=True)
 
 
 def _batch():

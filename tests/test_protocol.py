@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from flexvlm import protocol as protocol_module
 from flexvlm.protocol import Protocol, Runner, check_targets, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +126,33 @@ def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
     assert Image.open(tmp_path / "out" / "accuracy_vs_flops.png").size == (720, 480)
     # a second call reuses every finished run
     assert Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()["rows"] == report["rows"]
+
+
+def test_a_finished_run_is_reused_only_when_its_configs_and_stage1_weights_are_the_same(tmp_path, monkeypatch):
+    """The bookkeeping alone, runs faked: a changed study config retrains stage 1, and a retrained
+    stage 1 retrains the stage-2 run that starts from it; the old runs are kept aside."""
+    trained = []
+
+    def fake_fit(configs, folder, seed, extra, test, lock):
+        trained.append(folder.relative_to(tmp_path / "runs").as_posix())
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        torch.save({"state_dict": {}}, folder / "checkpoints" / "last.ckpt")
+        (folder / "metrics.csv").write_text("step,val/accuracy\n0,0.5\n")
+        return 1.0
+
+    monkeypatch.setattr(protocol_module, "_fit", fake_fit)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("trainer: {max_steps: 2}\n")
+    raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
+    raw = {k: str(ROOT / v) if k in ("base", "experiments", "stage1", "stage2") else v for k, v in raw.items()}
+    raw |= {"save_dir": str(tmp_path / "runs"), "studies": {"main": {"files": [str(study_file)], "modes": ["xattn"]}}}
+    (tmp_path / "protocol.yaml").write_text(yaml.safe_dump(raw))
+    runner = Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out")
+
+    runner.stage2(runner.protocol.studies[0], "xattn", 0, "lr1e-3", test=False)
+    runner.stage2(runner.protocol.studies[0], "xattn", 0, "lr1e-3", test=False)
+    assert trained == ["main/stage1/seed0", "main/xattn-lr1e-3/seed0"]  # the second call reused both
+    study_file.write_text("trainer: {max_steps: 3}\n")
+    runner.stage2(runner.protocol.studies[0], "xattn", 0, "lr1e-3", test=False)
+    assert trained[2:] == ["main/stage1/seed0", "main/xattn-lr1e-3/seed0"]
+    assert (tmp_path / "runs" / "main" / "stage1" / "seed0.old1" / "done.json").is_file()

@@ -1,5 +1,6 @@
 """Selection strategies against hand-computed cases and a naive version of the release's rule."""
 
+import pickle
 import sys
 from pathlib import Path
 import textwrap
@@ -151,9 +152,18 @@ def test_plugin_instance_and_bad_plugin_output():
         Broken()(torch.zeros(1, 1, 4, 4), _ctx(b=1))
 
 
+def _install_plugin(folder: Path, module: str, code: str, entry_point: str) -> None:
+    """An installed package ``<module>-plugin`` of one module, with ``entry_point`` (name = module:Class)
+    in the ``flexvlm.selection`` group (put ``folder`` on sys.path to see it)."""
+    (folder / f"{module}.py").write_text(textwrap.dedent(code))
+    dist = folder / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[flexvlm.selection]\n{entry_point}\n")
+
+
 def test_plugin_through_entry_point(tmp_path, monkeypatch):
-    pkg = tmp_path / "my_plugin.py"
-    pkg.write_text(textwrap.dedent("""
+    _install_plugin(tmp_path, "my_plugin", """
         import torch
         from flexvlm.selection import SelectionStrategy
 
@@ -162,11 +172,7 @@ def test_plugin_through_entry_point(tmp_path, monkeypatch):
                 mask = torch.zeros(*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid, dtype=torch.bool)
                 mask[..., 0, 0] = True
                 return mask
-    """))
-    dist = tmp_path / "my_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[flexvlm.selection]\ncorner = my_plugin:Corner\n")
+    """, "corner = my_plugin:Corner")
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = Registry("selection strategy", group="flexvlm.selection")
     assert "corner" in registry.names()
@@ -174,6 +180,27 @@ def test_plugin_through_entry_point(tmp_path, monkeypatch):
     assert mask.sum() == 1 and mask[0, 0, 0, 0]
     assert set(SELECTION.names()) >= {"attention", "random", "center", "all", "none"}
     sys.modules.pop("my_plugin", None)
+
+
+def test_a_broken_plugin_fails_alone_naming_its_package(tmp_path, monkeypatch):
+    _install_plugin(tmp_path, "broken_plugin", "raise RuntimeError('a bug in the plugin')", "broken = broken_plugin:Strategy")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry("selection strategy", group="flexvlm.selection")
+    registry.register("attention")(AttentionSelection)
+    assert registry.get("attention") is AttentionSelection  # the other names still work
+    with pytest.raises(ImportError, match=r"'broken' .*package 'broken-plugin'.*RuntimeError: a bug in the plugin"):
+        registry.get("broken")
+    with pytest.raises(ValueError, match=r"unknown selection strategy 'brokn'.*failed to load: \['broken'\]"):
+        registry.get("brokn")
+
+
+def test_repr_names_the_settings_and_survives_a_copy():
+    """The repr enters the key of a test's answers: settings, defaults included, never an address."""
+    strategy = RandomSelection(top_k=2, seed=3)
+    assert repr(strategy) == "RandomSelection(ratio=0.1, top_k=2, block_grid=None, seed=3, whole_blocks=False)"
+    assert repr(pickle.loads(pickle.dumps(strategy))) == repr(strategy)
+    assert repr(AttentionSelection(ratio=0.25)) != repr(AttentionSelection(ratio=0.5))
+    assert repr(AllSelection()) == "AllSelection()"
 
 
 def test_readme_plugin_example_runs():

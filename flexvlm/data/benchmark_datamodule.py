@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, Sampler
 
 from flexvlm.data.benchmarks import BenchmarkDataset, BenchmarkReader
 from flexvlm.data.datamodule import _VQADataModule
-from flexvlm.data.image import CLIP_MEAN, CLIP_STD, load_image, preprocess_image
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS, load_image, preprocess_image
 from flexvlm.data.llava import Triple
 from flexvlm.data.problems import BadSamplePolicy, Problem
 from flexvlm.data.templates import ChatTemplate, VicunaV1Template
@@ -18,9 +18,10 @@ from flexvlm.data.tokenizer import load_tokenizer
 from flexvlm.evaluation import EvaluationProtocol
 
 
-def load_preprocessed(path: str, size: int, mean: Triple, std: Triple) -> dict[str, Tensor]:
+def load_preprocessed(path: str, size: int, mean: Triple, std: Triple,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Tensor]:
     """An image file as the collator wants it: ``image`` (3, size, size) and ``content_box``."""
-    image, content_box = preprocess_image(load_image(path), size, mean, std)
+    image, content_box = preprocess_image(load_image(path, max_pixels), size, mean, std)
     return {"image": image, "content_box": content_box}
 
 
@@ -40,6 +41,7 @@ class BenchmarkDataModule(_VQADataModule):
         num_workers: int = 0,
         limit: int | None = None,
         on_bad_sample: BadSamplePolicy = "skip",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         """
         Args:
@@ -54,6 +56,8 @@ class BenchmarkDataModule(_VQADataModule):
             on_bad_sample: ``skip`` (a question that cannot be asked is left out, recorded in the
                 run's skipped.jsonl and answers.jsonl) or ``error`` (stop; at setup for the
                 problems the reader finds).
+            max_image_pixels: an image with more pixels is a bad sample, found from its header
+                before it is decoded (default: Pillow's limit against decompression bombs).
         """
         super().__init__(load_tokenizer(tokenizer_path), template or VicunaV1Template(), eval_batch_size,
                          eval_batch_size, num_workers, on_bad_sample=on_bad_sample)
@@ -73,7 +77,7 @@ class BenchmarkDataModule(_VQADataModule):
             else:
                 problems.append(Problem(item.where, item.question_id, f"image not found: {item.image_path}",
                                         "add the file or fix the image folder"))
-        loader = partial(load_preprocessed, size=h.image_size, mean=h.mean, std=h.std)
+        loader = partial(load_preprocessed, size=h.image_size, mean=h.mean, std=h.std, max_pixels=h.max_image_pixels)
         return BenchmarkDataset(items, loader, problems)
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:

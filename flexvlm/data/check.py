@@ -14,12 +14,12 @@ import warnings
 from collections import Counter
 
 import torch
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser
 from torch.utils.data import DataLoader, Dataset
 
-from flexvlm.cli import FlexVLMCLI, build
+from flexvlm.cli import FlexVLMCLI, build, instantiate_part
 from flexvlm.data.collate import SequenceCut, SequenceLimits, VQACollator
-from flexvlm.data.datamodule import _VQADataModule
+from flexvlm.data.datamodule import _VQADataModule, id_clashes
 from flexvlm.data.image import has_alpha, open_image
 from flexvlm.data.problems import BadSample, Problem
 from flexvlm.lit_module import sequence_limits
@@ -28,10 +28,11 @@ from flexvlm.models.vlm import FlexVLM
 
 class SampleChecks(Dataset):
     """The problems of each sample of a dataset (one that can describe its samples: ``image_path``,
-    ``text_sample``): its image opened and decoded, its text encoded as the run would."""
+    ``text_sample``): its image opened and decoded (at most ``max_image_pixels``), its text encoded as
+    the run would."""
 
-    def __init__(self, dataset: Dataset, collator: VQACollator) -> None:
-        self.dataset, self.collator = dataset, collator
+    def __init__(self, dataset: Dataset, collator: VQACollator, max_image_pixels: int) -> None:
+        self.dataset, self.collator, self.max_image_pixels = dataset, collator, max_image_pixels
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -41,7 +42,7 @@ class SampleChecks(Dataset):
         where, sample_id = sample["where"], sample["question_id"]
         problems = []
         try:
-            if has_alpha(open_image(self.dataset.image_path(index))):
+            if has_alpha(open_image(self.dataset.image_path(index), self.max_image_pixels)):
                 problems.append(Problem(where, sample_id, "the image has transparency, which is dropped (as LLaVA "
                                         "does): its transparent parts show whatever colour they store",
                                         "flatten it onto a background if that matters", severity="warning"))
@@ -73,8 +74,10 @@ def check_splits(datamodule: _VQADataModule, limits: SequenceLimits, splits: tup
         if not hasattr(dataset, "text_sample"):
             print(f"{split}: {len(dataset)} generated samples, nothing to check")
             continue
+        found += id_clashes(split, dataset)
         collator = VQACollator(datamodule.tokenizer, datamodule.template, limits=limits, generation=split != "train")
-        loader = DataLoader(SampleChecks(dataset, collator), batch_size=None, num_workers=datamodule.num_workers)
+        checks = SampleChecks(dataset, collator, datamodule.hparams.max_image_pixels)
+        loader = DataLoader(checks, batch_size=None, num_workers=datamodule.num_workers)
         for sample_problems in loader:
             found += sample_problems
         problems += found
@@ -92,20 +95,19 @@ def report(problems: list[Problem], sizes: Counter) -> int:
     return 1 if errors else 0
 
 
-def _instantiate(config: Namespace, base: type) -> object:
-    """One part of a parsed config (``class_path`` and ``init_args``), as ``base``."""
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--part", type=base)
-    return parser.instantiate_classes(parser.parse_object({"part": config.as_dict()})).part
-
-
 class DataCheckCLI(FlexVLMCLI):
     """The run's own configs and links, but only the data is built, and the model's shape on the meta device."""
 
+    def parse_arguments(self, parser: ArgumentParser, args: list[str] | None) -> None:
+        # check-data is given the command line after "check-data" as args, which LightningCLI warns about
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            super().parse_arguments(parser, args)
+
     def instantiate_classes(self) -> None:
-        self.datamodule = _instantiate(self.config.data, _VQADataModule)
+        self.datamodule = instantiate_part(self.config.data, _VQADataModule)
         with torch.device("meta"):
-            model = _instantiate(self.config.model.model, FlexVLM)
+            model = instantiate_part(self.config.model.model, FlexVLM)
         self.limits = sequence_limits(model, self.config.model.max_new_tokens)
 
 

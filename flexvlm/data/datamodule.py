@@ -7,7 +7,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from flexvlm.data.collate import SequenceLimits, VQACollator
-from flexvlm.data.image import CLIP_MEAN, CLIP_STD
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS
 from flexvlm.data.llava import LlavaInstructDataset, Triple
 from flexvlm.data.problems import (
     BadSamplePolicy,
@@ -16,6 +16,7 @@ from flexvlm.data.problems import (
     check_policy,
     problem_list,
     raise_if_any,
+    shared_ids,
 )
 from flexvlm.data.sampler import ResumableDataLoader, ResumableSampler
 from flexvlm.data.synthetic import WORDS, SyntheticVQA
@@ -27,6 +28,24 @@ STAGE_SPLITS = {
     "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
     None: ("train", "val", "test"),
 }
+
+# The split whose answers are kept by question id (answers.jsonl; a restarted test leaves out the ids it
+# has answered): of two questions with one id, one would be lost. Elsewhere an id only names a sample in
+# messages, beside its file and entry (LLaVA-style training sets share ids between conversations).
+ANSWERS_BY_ID = ("test",)
+
+
+def id_clashes(split: str, dataset: Dataset) -> list[Problem]:
+    """The samples whose id an earlier sample of the split has: errors where answers are kept by id,
+    warnings elsewhere. Generated datasets (no ``text_sample``) number their samples: none."""
+    if not hasattr(dataset, "text_sample"):
+        return []
+    samples = (dataset.text_sample(i) for i in range(len(dataset)))
+    places = ((sample["where"], sample["question_id"]) for sample in samples)
+    if split in ANSWERS_BY_ID:
+        return shared_ids(places, "error", "answers are kept by question id, so one of the two would be lost: "
+                                           "give each question an id of its own")
+    return shared_ids(places, "warning", "both are used")
 
 
 class _VQADataModule(L.LightningDataModule):
@@ -65,6 +84,9 @@ class _VQADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split in STAGE_SPLITS[stage]:
             if split not in self.splits and (dataset := self.read_split(split)) is not None:
+                if split in ANSWERS_BY_ID and (clashes := id_clashes(split, dataset)):
+                    raise ValueError(f"the {split} split has {len(clashes)} questions with the id of an earlier one "
+                                     f"(whatever on_bad_sample is):\n{problem_list(clashes)}")
                 problems = getattr(dataset, "problems", [])
                 if self.on_bad_sample == "error":
                     raise_if_any(problems, f"the {split} split")
@@ -179,9 +201,12 @@ class LlavaDataModule(_VQADataModule):
         template: ChatTemplate | None = None,
         seed: int = 0,
         on_bad_sample: BadSamplePolicy = "skip",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         """``on_bad_sample``: ``skip`` (leave a bad sample out, recorded in the run's skipped.jsonl)
-        or ``error`` (stop, at setup for the problems found when the files are read)."""
+        or ``error`` (stop, at setup for the problems found when the files are read).
+        ``max_image_pixels``: an image with more pixels is a bad sample, found from its header before
+        it is decoded (default: Pillow's limit against decompression bombs)."""
         template = template or VicunaV1Template()
         super().__init__(load_tokenizer(tokenizer_path), template, batch_size, eval_batch_size, num_workers, seed,
                          on_bad_sample)
@@ -192,4 +217,4 @@ class LlavaDataModule(_VQADataModule):
         if self.files[split] is None:
             return None
         h = self.hparams
-        return LlavaInstructDataset(self.files[split], h.image_folder, h.image_size, h.mean, h.std)
+        return LlavaInstructDataset(self.files[split], h.image_folder, h.image_size, h.mean, h.std, h.max_image_pixels)

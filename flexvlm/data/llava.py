@@ -8,7 +8,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from flexvlm.data.files import read_json
-from flexvlm.data.image import CLIP_MEAN, CLIP_STD, load_image, preprocess_image
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS, load_image, preprocess_image
 from flexvlm.data.problems import BadSample, Problem
 from flexvlm.data.templates import conversation_defect
 
@@ -47,12 +47,14 @@ class LlavaInstructDataset(Dataset):
         image_size: int,
         mean: Triple = CLIP_MEAN,
         std: Triple = CLIP_STD,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         entries = read_json(json_path, "annotation file")
         if not isinstance(entries, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(entries).__name__}")
         self.image_folder = Path(image_folder)
         self.image_size, self.mean, self.std = image_size, mean, std
+        self.max_image_pixels = max_image_pixels
         self.entries: list[tuple[str, str, dict]] = []  # (where, sample id, entry)
         self.problems: list[Problem] = []
         for i, entry in enumerate(entries):
@@ -79,7 +81,7 @@ class LlavaInstructDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.text_sample(index)
         try:
-            image = load_image(self.image_path(index))
+            image = load_image(self.image_path(index), self.max_image_pixels)
         except (FileNotFoundError, ValueError) as err:
             raise BadSample(Problem(sample["where"], sample["question_id"], str(err),
                                     "replace or remove the image")) from err

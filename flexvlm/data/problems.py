@@ -8,6 +8,7 @@ to do. ``on_bad_sample: skip`` drops such samples (the run records them in ``ski
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -43,6 +44,18 @@ class BadSample(ValueError):
     def __init__(self, problem: Problem) -> None:
         super().__init__(str(problem))
         self.problem = problem
+
+
+def shared_ids(samples: Iterable[tuple[str, str]], severity: str, fix: str) -> list[Problem]:
+    """For each (where, id) whose id an earlier sample has, a problem naming both."""
+    first: dict[str, str] = {}
+    problems = []
+    for where, sample_id in samples:
+        if sample_id in first:
+            problems.append(Problem(where, sample_id, f"{first[sample_id]} has the same id", fix, severity))
+        else:
+            first[sample_id] = where
+    return problems
 
 
 def check_policy(on_bad_sample: str) -> None:

@@ -91,12 +91,34 @@ def load(pretrained: str, vision: str | None = None) -> LoadedModel:
                             ".ckpt in its checkpoints folder) nor a checkpoint folder with config.json")
 
 
-def _grouped(items: Sequence[Any], key: Callable[[Any], Hashable]) -> dict[Hashable, list[int]]:
-    """Indices of the items by key, in the order the keys first appear."""
-    groups: dict[Hashable, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item), []).append(i)
+def _grouped(items: Sequence[Any], key: Callable[[Any], Hashable]) -> dict[Hashable, list[Any]]:
+    """The items by key, in the order the keys first appear."""
+    groups: dict[Hashable, list[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
     return groups
+
+
+def _is_padding(request: Instance) -> bool:
+    """Whether lmms-eval added the request so that every process of a multi-process run answers as
+    many (a copy of another; its result is dropped). Padding is answered as the request it copies
+    (lmms-eval's response cache may keep what it is given), but not written or counted."""
+    return bool((request.metadata or {}).get("__padding_only__"))
+
+
+def _question(request: Instance) -> tuple:
+    """What the requests of one question share: task, split, document and context. Padding is a
+    question apart: it copies the last option of another."""
+    context, _, _, doc_id, task, split = request.args
+    return task, split, doc_id, context, _is_padding(request)
+
+
+def _process_file(path: Path) -> Path:
+    """Where this process writes ``path``: with several processes (lmms-eval's WORLD_SIZE and RANK),
+    each writes a file of its own, ``<name>.rank<r>.jsonl``."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return path
+    return path.with_suffix(f".rank{os.environ.get('RANK', 0)}{path.suffix}")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -124,7 +146,8 @@ class FlexVLMLmms(lmms):
             ``model.max_new_tokens``; 16 for a LLaVA folder).
         answers_file: a JSONL file to write every answer into, as flexvlm's answers.jsonl: task,
             doc_id, prompt, answer (or options and their losses) and the fraction of high-res
-            tokens used. The mean fraction per task is logged either way.
+            tokens used; with several processes, one file each (``<name>.rank<r>.jsonl``). The mean
+            fraction per task is logged either way.
 
     Generation is greedy (``until`` and ``max_new_tokens`` honoured); a task that asks for sampling
     is an error. ``loglikelihood`` returns what lmms-eval 0.7.3's multiple-choice scoring takes
@@ -161,7 +184,7 @@ class FlexVLMLmms(lmms):
         # the likelihood protocol's collator, limited as flexvlm's test limits it
         self.collator = VQACollator(self.tokenizer, self.template,
                                     limits=sequence_limits(self.model, self.max_new_tokens))
-        self.answers_file = Path(answers_file) if answers_file else None
+        self.answers_file = _process_file(Path(answers_file)) if answers_file else None
         if self.answers_file is not None:
             self.answers_file.parent.mkdir(parents=True, exist_ok=True)
             self.answers_file.write_text("")
@@ -194,9 +217,9 @@ class FlexVLMLmms(lmms):
 
     @staticmethod
     def _log_fractions(records: list[dict[str, Any]]) -> None:
-        for task, indices in _grouped(records, lambda r: r["task"]).items():
-            mean = sum(records[i]["hr_fraction"] for i in indices) / len(indices)
-            logger.info(f"flexvlm on {task}: {len(indices)} questions, mean fraction of high-res tokens used "
+        for task, answered in _grouped(records, lambda r: r["task"]).items():
+            mean = sum(r["hr_fraction"] for r in answered) / len(answered)
+            logger.info(f"flexvlm on {task}: {len(answered)} questions, mean fraction of high-res tokens used "
                         f"{mean:.4f}")
 
     # -- lmms-eval's requests -------------------------------------------------------------------
@@ -214,7 +237,8 @@ class FlexVLMLmms(lmms):
         """Greedy answers, batched by ``until`` and ``max_new_tokens``, cut at the first stop string."""
         answers = [""] * len(requests)
         records = []
-        for (until, max_new_tokens), indices in _grouped(requests, self._generation_settings).items():
+        settings = _grouped(range(len(requests)), lambda i: self._generation_settings(requests[i]))
+        for (until, max_new_tokens), indices in settings.items():
             collate = VQACollator(self.tokenizer, self.template, limits=sequence_limits(self.model, max_new_tokens))
             for chunk in _chunks(indices, self.batch_size):
                 batch = collate([self._sample(requests[i]) for i in chunk])
@@ -224,9 +248,10 @@ class FlexVLMLmms(lmms):
                 chunk_records = []
                 for i, tokens, fraction in zip(chunk, out.tokens, out.hr_fraction.tolist(), strict=True):
                     answers[i] = _cut(self.tokenizer.decode(tokens), until)
-                    context, _, _, doc_id, task, _ = requests[i].args
-                    chunk_records.append({"task": task, "doc_id": doc_id, "prompt": context, "answer": answers[i],
-                                          "hr_fraction": fraction})
+                    if not _is_padding(requests[i]):
+                        context, _, _, doc_id, task, _ = requests[i].args
+                        chunk_records.append({"task": task, "doc_id": doc_id, "prompt": context, "answer": answers[i],
+                                              "hr_fraction": fraction})
                 self._log(chunk_records)
                 records += chunk_records
         self._log_fractions(records)
@@ -247,8 +272,7 @@ class FlexVLMLmms(lmms):
         (``unwrap_generation_output``), which its multiple-choice scoring cannot read. The greedy
         flag is not computed (False): the protocol reads only the losses."""
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)  # each is set below
-        # a question: the requests of one document with one context
-        questions = list(_grouped(requests, lambda r: (r.args[4], r.args[5], r.args[3], r.args[0])).values())
+        questions = list(_grouped(range(len(requests)), lambda i: _question(requests[i])).values())
         protocol = LikelihoodChoice().to(self._device)
         records = []
         for chunk in _chunks(questions, self.batch_size):
@@ -265,9 +289,11 @@ class FlexVLMLmms(lmms):
             for indices, choices, record in zip(chunk, options, scored.records, strict=True):
                 for i, loss in zip(indices, record["losses"], strict=True):
                     results[i] = (loss, False)
-                _, _, _, doc_id, task, _ = requests[indices[0]].args
-                chunk_records.append({"task": task, "doc_id": doc_id, "prompt": record["prompt"], "options": choices,
-                                      "losses": record["losses"], "hr_fraction": record["hr_fraction"]})
+                if not _is_padding(requests[indices[0]]):
+                    _, _, _, doc_id, task, _ = requests[indices[0]].args
+                    chunk_records.append({"task": task, "doc_id": doc_id, "prompt": record["prompt"],
+                                          "options": choices, "losses": record["losses"],
+                                          "hr_fraction": record["hr_fraction"]})
             self._log(chunk_records)
             records += chunk_records
         self._log_fractions(records)

@@ -8,6 +8,9 @@ position embeddings are resampled bicubically (the "whole image at any size" hig
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -170,6 +173,24 @@ class TimmFeatureMapBackbone(VisionBackbone):
         return feature_map.flatten(2).transpose(1, 2)
 
 
+class _DropRandomInitRecord(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _open_clip_random_init_unlogged() -> Iterator[None]:
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" for every model built
+    with ``pretrained=None``, which is how flexvlm builds a tower whose weights it then loads itself
+    (``checkpoint_path``, a LLaVA checkpoint): that one record is dropped while the model is built."""
+    record_filter, root = _DropRandomInitRecord(), logging.getLogger()
+    root.addFilter(record_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(record_filter)
+
+
 class OpenClipBackbone(VisionBackbone):
     """The vision tower of an open_clip model (e.g. "ViT-L-14-336", LLaVA-1.5's tower).
 
@@ -190,7 +211,8 @@ class OpenClipBackbone(VisionBackbone):
         # default device (the meta device under `with torch.device("meta")`), where open_clip moves it
         # unless told otherwise
         kwargs = {"device": torch.get_default_device(), **(model_kwargs or {})}
-        model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, **kwargs)
+        with _open_clip_random_init_unlogged():
+            model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, **kwargs)
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
             raise TypeError(f"{model_name} has a {type(visual).__name__} vision tower; use TimmBackbone for it")

@@ -73,7 +73,7 @@ class FlexVLM(nn.Module):
         llm_overrides: dict | None = None,
         mode: str = "flex",
         num_sa_layers: int | None = None,
-        selection: SelectionStrategy | str = "attention",
+        selection: SelectionStrategy | str | None = None,
         projector: str = "mlp2x_gelu",
         zoom: int = 3,
         high_res_path: str = "crops",
@@ -87,7 +87,10 @@ class FlexVLM(nn.Module):
         ``init_args``, as the backbone), or the name of a preset (``flexvlm.models.families``), whose
         fields ``llm_overrides`` changes.
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
-        (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends).
+        (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends);
+        ``flex`` and ``xattn`` need at least one layer after them.
+        ``selection`` (``flex`` only; default ``attention``, the release's threshold rule): the other
+        modes select nothing, so a strategy given to them is refused rather than recorded unused.
         ``gradient_checkpointing`` recomputes decoder layers in the backward pass to save memory.
         ``pretrained`` names local weights, loaded once the model is built (W_K', W_V' that they lack
         start as the loaded W_K, W_V); a model built on the meta device loads them in ``load_weights``,
@@ -120,10 +123,17 @@ class FlexVLM(nn.Module):
         if num_sa_layers is None:
             num_sa_layers = 0 if mode == "xattn" else max(1, round(num_layers * 9 / 32))
         min_sa = 1 if mode == "flex" else 0  # flex needs one plain layer whose map seeds the selection
-        if not min_sa <= num_sa_layers <= num_layers:
-            raise ValueError(f"num_sa_layers must be in [{min_sa}, {num_layers}] for mode {mode!r}, got {num_sa_layers}")
+        max_sa = num_layers - 1 if mode in ("flex", "xattn") else num_layers  # ... and a layer that uses high res
+        if not min_sa <= num_sa_layers <= max_sa:
+            raise ValueError(f"num_sa_layers must be in [{min_sa}, {max_sa}] for mode {mode!r} with {num_layers} decoder "
+                             f"layers, got {num_sa_layers}" + (": no layer would attend to high-res tokens"
+                                                               if num_sa_layers == num_layers else ""))
         self.num_sa_layers = num_sa_layers
-        self.selection = build_selection(selection) if mode == "flex" else None
+        if mode != "flex" and selection is not None:
+            raise ValueError(f"mode {mode!r} selects no high-res tokens, but a selection strategy is given ({selection!r}): "
+                             "it would be recorded in the run's config unused. Set model.model.init_args.selection "
+                             "to null, or use mode flex")
+        self.selection = build_selection(selection or "attention") if mode == "flex" else None
         if self.uses_high_res_attention:
             for layer in self.llm.layers[num_sa_layers:]:
                 layer.self_attn = FlexAttention(layer.self_attn)

@@ -12,15 +12,21 @@ from flexvlm.selection.base import SELECTION, BlockSelection, Budget, SelectionC
 class AttentionSelection(BlockSelection):
     """The release's rule by default: zero the padding border, min-max normalise each row's map,
     max-pool to the block grid, keep blocks with ``map * 255 > threshold`` (48 in the released
-    checkpoint). With ``ratio`` or ``top_k`` instead, keep a fixed budget of the highest blocks."""
+    checkpoint, the default). With ``ratio`` or ``top_k`` instead, keep a fixed budget of the highest
+    blocks; a threshold given with a budget is refused, since only one of them can decide."""
 
-    def __init__(self, threshold: float | None = 48.0, ratio: float | None = None, top_k: int | None = None,
+    DEFAULT_THRESHOLD = 48.0
+
+    def __init__(self, threshold: float | None = None, ratio: float | None = None, top_k: int | None = None,
                  block_grid: int | None = None, whole_blocks: bool = False) -> None:
         super().__init__(block_grid, whole_blocks)
         self.budget = Budget(ratio, top_k) if ratio is not None or top_k is not None else None
+        if self.budget is not None and threshold is not None:
+            raise ValueError(f"AttentionSelection takes a threshold or a budget, not both (got threshold={threshold}, "
+                             f"ratio={ratio}, top_k={top_k}): set threshold to null to keep the budget")
         if self.budget is None and threshold is None:
-            raise ValueError("give a threshold, a ratio or a top_k")
-        self.threshold = None if self.budget is not None else threshold
+            threshold = self.DEFAULT_THRESHOLD
+        self.threshold = threshold
 
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
         scores = attn_map * ctx.lr_valid.unsqueeze(1)

@@ -7,6 +7,7 @@ for each of those rows. Strategies that do not look at the map (random, center) 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -45,7 +46,30 @@ class SelectionContext:
 
 class SelectionStrategy(ABC):
     """Subclass, implement ``select``, and name the class in a config (``class_path``), or register
-    it under a short name with ``@SELECTION.register("name")`` / the ``flexvlm.selection`` entry point."""
+    it under a short name with ``@SELECTION.register("name")`` / the ``flexvlm.selection`` entry point.
+
+    A strategy's ``repr`` is its class and the arguments it was built with (defaults included), for
+    any subclass: it enters the key of a test run's answers (``answers.source``), so it must name the
+    settings, never a memory address that differs between processes."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SelectionStrategy:
+        strategy = super().__new__(cls)
+        strategy._settings = {}
+        if cls.__init__ is not object.__init__:  # a strategy without settings has none to name
+            # bind_partial: unpickling calls __new__ without the arguments (and restores _settings after)
+            bound = inspect.signature(cls.__init__).bind_partial(strategy, *args, **kwargs)
+            bound.apply_defaults()
+            strategy._settings = dict(list(bound.arguments.items())[1:])
+        return strategy
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The arguments the strategy was built with, defaults included."""
+        return dict(self._settings)
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self._settings.items())
+        return f"{type(self).__name__}({settings})"
 
     @abstractmethod
     def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
