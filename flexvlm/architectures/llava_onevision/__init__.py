@@ -1,0 +1,1 @@
+"""LLaVA-OneVision (transformers' LlavaOnevisionForConditionalGeneration)"""

@@ -1,0 +1,1 @@
+"""SmolVLM / Idefics3 (transformers' SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)"""
