@@ -11,7 +11,7 @@ COMMANDS = {
     "check-data": ("flexvlm.data.check", "read every sample of the configured data and list its problems "
                                          "(--config as for fit)"),
     "export": ("flexvlm.export", "write a trained run in its architecture's own format, which "
-                                 "FlexVLM.from_pretrained loads (--ckpt, --out)"),
+                                 "flexvlm.architectures.from_pretrained loads (--ckpt, --out)"),
 }
 
 

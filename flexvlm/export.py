@@ -1,5 +1,5 @@
 """``python -m flexvlm export --ckpt <version>/checkpoints/last.ckpt --out <folder>``: a trained run in
-its architecture's own format, which ``FlexVLM.from_pretrained(<folder>)`` builds back into the same
+its architecture's own format, which ``flexvlm.architectures.from_pretrained(<folder>)`` builds back into the same
 model without flexvlm's configs, and other code reads as far as it knows the architecture.
 
 The model is the run's: built on the meta device from the configs it was trained with (the
@@ -45,15 +45,17 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from flexvlm.checkpoints import (
-    _HF_DECODERS, LLAVA_HF_LAYOUT, ORIGINAL_LLAVA_LAYOUT, _put, _release_arguments, _take, arguments_from_llava,
-    clip_vision_to_hf, llama_from_hf, llama_to_hf,
+from flexvlm.architectures.llava15 import (
+    LLAVA_HF_LAYOUT, ORIGINAL_LLAVA_LAYOUT, arguments_from_llava, release_arguments,
 )
 from flexvlm.cli import FlexVLMCLI, build, instantiate_part
+from flexvlm.models.clip import clip_vision_to_hf
+from flexvlm.models.families import FAMILIES, family_of, llama_from_hf, llama_to_hf
 from flexvlm.models.vision import OpenClipBackbone
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.run_files import read_run_checkpoint
 from flexvlm.selection import SELECTION, AttentionSelection, RandomSelection, SelectionStrategy
+from flexvlm.weights import put_parts, take_parts
 
 __all__ = ["FORMATS", "export", "build_run_model", "main"]
 
@@ -133,7 +135,7 @@ def _projector_kind(projector: nn.Module) -> str:
 
 def _model_types(model: FlexVLM) -> tuple[str, ...]:
     """The config.json model_types of the decoder's family: transformers' first, LLaVA's own last."""
-    return next(e for e in _HF_DECODERS if type(model.llm) is e.family).model_types
+    return family_of(model.llm, "the run's model").model_types
 
 
 def _refuse_what_has_no_place(model: FlexVLM, layout: str) -> None:
@@ -142,10 +144,10 @@ def _refuse_what_has_no_place(model: FlexVLM, layout: str) -> None:
     if not isinstance(backbone, OpenClipBackbone):
         problems.append(f"the vision tower {type(backbone).__name__}: the LLaVA formats hold a CLIP ViT as "
                         f"transformers' CLIPVisionModel, which flexvlm writes from open_clip's (OpenClipBackbone) only")
-    entry = next((e for e in _HF_DECODERS if type(llm) is e.family), None)
-    if entry is None or entry.rename is not llama_from_hf:  # what the writer inverts (llama_to_hf)
+    entry = next((e for e in FAMILIES if type(llm) is e.model), None)
+    if entry is None or entry.from_hf is not llama_from_hf:  # what the writer inverts (llama_to_hf)
         problems.append(f"the decoder {type(llm).__name__}: flexvlm writes the transformers families of "
-                        f"flexvlm.checkpoints._HF_DECODERS that use LLaMA's tensor names")
+                        f"flexvlm.models.families.FAMILIES that use LLaMA's tensor names")
     elif layout == "release" and entry.model_types[-1] not in _RELEASE_ARCHITECTURES:
         problems.append(f"the decoder {type(llm).__name__}: the original LLaVA code has classes for "
                         f"{', '.join(_RELEASE_ARCHITECTURES.values())} only (--format llava-hf holds it)")
@@ -159,7 +161,7 @@ def _refuse_what_has_no_place(model: FlexVLM, layout: str) -> None:
 
 # -- config.json -------------------------------------------------------------------------------------
 def _decoder_config(model: FlexVLM, model_type: str) -> dict[str, Any]:
-    """The decoder's settings under transformers' names, as flexvlm.checkpoints reads them back; the
+    """The decoder's settings under transformers' names, as flexvlm.models.families reads them back; the
     activation is left to the family's transformers default, which is the one flexvlm implements."""
     config = model.config
     return {
@@ -229,7 +231,7 @@ def _extra(model: FlexVLM, hyper_parameters: dict) -> dict[str, Any]:
 
 
 def _notes(model: FlexVLM, extra: dict, layout: str) -> list[str]:
-    """What other code runs otherwise than the model (FlexVLM.from_pretrained runs it as trained):
+    """What other code runs otherwise than the model (flexvlm.architectures.from_pretrained runs it as trained):
     transformers runs plain LLaVA; the authors' code what the release's keys of `extra` say."""
     if model.mode == "lr_only":
         return []
@@ -237,7 +239,7 @@ def _notes(model: FlexVLM, extra: dict, layout: str) -> list[str]:
         who = "transformers" if layout == "llava-hf" else "the authors' code"
         return [f"{who} runs this folder as plain LLaVA-1.5 (lr_only), not in {model.mode} mode"]
     release_keys = {k: v for k, v in extra.items() if k != "flexvlm"}
-    implied = _release_arguments(release_keys, model.encoder.backbone.image_size, "extra")
+    implied = release_arguments(release_keys, model.encoder.backbone.image_size, "extra")
     actual = {"num_sa_layers": model.num_sa_layers, "zoom": model.encoder.zoom, "selection": model.selection,
               "margin_rule": model.margin_rule}
     return [f"the authors' code runs {key} {implied[key]!r}, the model {actual[key]!r}"
@@ -253,7 +255,7 @@ class _Folder:
 
 def _parts(model: FlexVLM, weights: StateDict) -> dict[str, StateDict]:
     """The VLM's tensors by part under the names of the formats' own models (a tied head saved once)."""
-    parts = _take(weights, _PARTS, "the run's model")
+    parts = take_parts(weights, _PARTS, "the run's model")
     if model.config.tie_word_embeddings:
         parts["llm"].pop("lm_head.weight", None)
     return {"llm": llama_to_hf(parts["llm"]), "projector": parts["projector"],
@@ -274,7 +276,7 @@ def _release(model: FlexVLM, weights: StateDict, extra: dict) -> dict[str, _Fold
     }
     tower_config = {"architectures": ["CLIPVisionModel"], **_clip_config(backbone),
                     "torch_dtype": _dtype(weights, "encoder.backbone.")}
-    return {".": _Folder(config, _put(parts, layout.prefixes, layout.name)), TOWER_FOLDER: _Folder(tower_config, tower)}
+    return {".": _Folder(config, put_parts(parts, layout.prefixes, layout.name)), TOWER_FOLDER: _Folder(tower_config, tower)}
 
 
 def _llava_hf(model: FlexVLM, weights: StateDict, extra: dict, image_token_id: int | None) -> dict[str, _Folder]:
@@ -293,7 +295,7 @@ def _llava_hf(model: FlexVLM, weights: StateDict, extra: dict, image_token_id: i
         layout.feature_layer_key: FEATURE_LAYER, layout.select_key: layout.patch_only,
         "multimodal_projector_bias": True, "tie_word_embeddings": model.config.tie_word_embeddings, "extra": extra,
     }
-    return {".": _Folder(config, _put(_parts(model, weights), layout.prefixes, layout.name))}
+    return {".": _Folder(config, put_parts(_parts(model, weights), layout.prefixes, layout.name))}
 
 
 def _dtype(weights: StateDict, part: str) -> str:
@@ -364,7 +366,7 @@ def _architecture(model: FlexVLM) -> dict[str, str]:
 
 
 def _check_rebuilds(folder: Path, model: FlexVLM) -> None:
-    """FlexVLM.from_pretrained(folder) builds the run's model (on the meta device: no weights read)."""
+    """flexvlm.architectures.from_pretrained(folder) builds the run's model (on the meta device: no weights read)."""
     with torch.device("meta"):
         rebuilt = FlexVLM(**arguments_from_llava(folder, pretrained=None))
     expected, found = _architecture(model), _architecture(rebuilt)
@@ -438,7 +440,7 @@ def export(
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flexvlm export",
-        description="Write a trained run in its architecture's own format, which FlexVLM.from_pretrained(<out>) "
+        description="Write a trained run in its architecture's own format, which flexvlm.architectures.from_pretrained(<out>) "
                     "loads back (README: Sharing a trained model).",
     )
     parser.add_argument("--ckpt", required=True,
@@ -458,7 +460,7 @@ def main(args: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"flexvlm export: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {options.out} ({options.layout} format); FlexVLM.from_pretrained({str(options.out)!r}) loads it")
+    print(f"wrote {options.out} ({options.layout} format); flexvlm.architectures.from_pretrained({str(options.out)!r}) loads it")
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -43,7 +43,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexvlm.generate import generate
+from flexvlm.models.generation import generate
 from flexvlm.models.llm import LlamaConfig
 from flexvlm.models.vlm import MODES, FlexVLM
 

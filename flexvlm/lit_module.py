@@ -16,16 +16,31 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from flexvlm.checkpoints import load_run_weights
 from flexvlm.data.collate import SequenceLimits
 from flexvlm.data.datamodule import STAGE_SPLITS
 from flexvlm.evaluation import EvaluationProtocol, GenerationVQA, Scored, gather_records, prompt_texts
+from flexvlm.models.families import high_res_copies
 from flexvlm.models.flex_attention import HIGH_RES_KV_MODES
 from flexvlm.models.vlm import FlexVLM, VLMOutput
 from flexvlm.run_files import (
-    AnswerLog, SkipLog, check_free_space, check_writable, checkpoint_bytes, update_metrics_file,
+    AnswerLog, SkipLog, check_free_space, check_writable, checkpoint_bytes, read_run_checkpoint, update_metrics_file,
 )
 from flexvlm.sharding import full_value, fully_shard, is_sharded, on_any_process
+from flexvlm.weights import load_state_dict_strict, take_parts
+
+
+def load_run_weights(model: nn.Module, aux_objective: nn.Module | None, path: str | Path) -> None:
+    """Start from another flexvlm run's weights (its Lightning checkpoint, e.g. ``last.ckpt``),
+    without its optimizer or step count: the VLM's tensors strictly (W_K', W_V' that the source
+    lacks, e.g. a low-res-only run, start as the same layer's W_K, W_V), and the auxiliary
+    objective's when both runs have one. A mismatch lists the names and shapes involved."""
+    source = str(path)
+    checkpoint = read_run_checkpoint(path)
+    parts = take_parts(checkpoint["state_dict"], {"model.": ("model", ""), "aux_objective.": ("aux", "")}, source)
+    names = model.state_dict()
+    load_state_dict_strict(model, {**high_res_copies(names, parts["model"]), **parts["model"]}, source)
+    if aux_objective is not None and parts["aux"]:
+        load_state_dict_strict(aux_objective, parts["aux"], source)
 
 
 def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
@@ -74,12 +89,12 @@ class FlexVLMModule(L.LightningModule):
             max_new_tokens, stop_strings: generation at validation / test / predict time.
             eval_loss: also log the loss of the reference answer at validation / test (one more
                 forward pass a batch).
-            high_res_kv: how generation projects high-res K/V (``flexvlm.generate``): ``lazy`` (a
+            high_res_kv: how generation projects high-res K/V (``flexvlm.models.generation``): ``lazy`` (a
                 token when first selected; cheapest for short answers) or ``prefill`` (all at the
                 first step; cheaper per step for long answers, see docs/benchmarks.md).
             init_from: start from another run's weights (its ``.ckpt``) but not its optimizer or
                 step count, e.g. every mode of a study from one low-res-only run; W_K', W_V' that
-                the source lacks start as W_K, W_V (``flexvlm.checkpoints.load_run_weights``).
+                the source lacks start as W_K, W_V (``load_run_weights``).
             nonfinite_loss_skips: training batches whose loss is NaN or infinite that are skipped
                 (no update, a warning) before the next one stops the run with an error naming its
                 step. Weights that are not finite are never saved over a checkpoint.

@@ -1,8 +1,12 @@
-"""Reading weight files and loading them strictly: the leaf that every loader of flexvlm uses
-(the vision towers, ``flexvlm.checkpoints``). Nothing here knows a model family."""
+"""Reading weight files and loading them strictly: the leaf that every loader of flexvlm uses (the
+vision towers, the decoder families, the architectures). Nothing here knows a model family. A folder
+holds `model.safetensors`, `pytorch_model.bin` or either sharded with an `*.index.json`; pickled
+files are read with `weights_only=True`. Every load is strict: a missing, unexpected or mis-shaped
+tensor is a ValueError that lists the names and shapes."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -14,7 +18,12 @@ from torch import Tensor, nn
 
 from flexvlm.sharding import is_sharded, placed_like
 
-__all__ = ["read_state_dict", "load_state_dict_strict", "listing"]
+__all__ = [
+    "StateDict", "read_state_dict", "read_checkpoint", "read_config", "load_state_dict_strict", "listing", "take_parts",
+    "put_parts", "raise_mismatches",
+]
+
+StateDict = dict[str, Tensor]
 
 _MAX_LISTED = 20  # names per category in a mismatch message; a full CLIP has hundreds
 
@@ -92,3 +101,78 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], sou
                 message += listing(title, lines)
         raise ValueError(message)
     module.load_state_dict(_sharded_as(state_dict, expected))
+
+
+# in the order transformers prefers them
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+
+
+def read_checkpoint(path: str | Path) -> StateDict:
+    """All tensors of a weights file, or of a HF-style folder (single file or index + shards)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        return read_state_dict(path)
+    for name in _WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_state_dict(path / shard).items()}
+        return read_state_dict(file)
+    raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+def read_config(path: str | Path) -> dict:
+    """`config.json` beside the weights; empty for a bare weights file."""
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def take_parts(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -> dict[str, StateDict]:
+    """Split `state` into parts by name prefix: `{checkpoint prefix: (part, new prefix)}`, longest
+    prefix first. A tensor that no prefix claims is an error."""
+    parts: dict[str, StateDict] = {part: {} for part, _ in prefixes.values()}
+    longest_first = sorted(prefixes, key=len, reverse=True)
+    unclaimed = []
+    for name, tensor in state.items():
+        match = next((p for p in longest_first if name.startswith(p)), None)
+        if match is None:
+            unclaimed.append(f"{name} {tuple(tensor.shape)}")
+            continue
+        part, new_prefix = prefixes[match]
+        parts[part][new_prefix + name[len(match):]] = tensor
+    if unclaimed:
+        raise ValueError(f"{source}: tensors of no known part:" + listing("unclaimed", unclaimed))
+    return parts
+
+
+def put_parts(parts: dict[str, StateDict], prefixes: dict[str, tuple[str, str]], target: str) -> StateDict:
+    """The inverse of `take_parts`, with the same table: each part's tensors under the checkpoint prefix of
+    their flexvlm prefix (the first listed where several spellings read into one). A tensor that no
+    prefix places is an error."""
+    placed, unplaced = {}, []
+    for part, state in parts.items():
+        spellings: dict[str, str] = {}  # flexvlm prefix -> checkpoint prefix
+        for checkpoint_prefix, (owner, new_prefix) in prefixes.items():
+            if owner == part:
+                spellings.setdefault(new_prefix, checkpoint_prefix)
+        longest_first = sorted(spellings, key=len, reverse=True)
+        for name, tensor in state.items():
+            match = next((p for p in longest_first if name.startswith(p)), None)
+            if match is None:
+                unplaced.append(f"{part}: {name} {tuple(tensor.shape)}")
+                continue
+            placed[spellings[match] + name[len(match):]] = tensor
+    if unplaced:
+        raise ValueError(f"the {target} layout has no place for these tensors:" + listing("unplaced", unplaced))
+    return placed
+
+
+def raise_mismatches(problems: list[str], source: str, what: str) -> None:
+    if problems:
+        raise ValueError(f"{source}: config.json does not match the {what}:\n  " + "\n  ".join(problems))

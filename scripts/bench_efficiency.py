@@ -39,7 +39,7 @@ import torch
 
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.flops import generation_flops, paper_scale_table
-from flexvlm.generate import generation_steps
+from flexvlm.models.generation import generation_steps
 from flexvlm.models.llm import KVCache
 from flexvlm.models.vision import TimmBackbone
 from flexvlm.models.vlm import FlexVLM

@@ -58,7 +58,7 @@ def load_args(fmt: str, folder: Path) -> list[str]:
     """Where each format's weights come in: a run's checkpoint, or the decoder's pretrained file."""
     if fmt == "torch":
         return ["--model.init_from", str(folder / "run.ckpt")]
-    pretrained = {"class_path": "flexvlm.checkpoints.PretrainedWeights",
+    pretrained = {"class_path": "flexvlm.architectures.llava15.PretrainedWeights",
                   "init_args": {"llm": str(folder / "llm.safetensors")}}
     return ["--model.model.init_args.pretrained", json.dumps(pretrained)]
 

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from flexvlm.cli import main as cli_main
-from flexvlm.generate import generate
+from flexvlm.models.generation import generate
 from flexvlm.selection import AllSelection, AttentionSelection, RandomSelection
 
 

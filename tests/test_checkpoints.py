@@ -18,10 +18,11 @@ from test_data_tokenizer import llava_tokenizer_image_token
 from test_llm import SMALL, transformers_pair
 from test_llm import randomise as _randomise
 
-from flexvlm.checkpoints import (
-    PretrainedWeights, decoder_config_from_hf, load_clip_vision, load_llava, load_llm_weights, load_projector,
-    read_checkpoint,
-)
+from flexvlm.architectures import from_pretrained
+from flexvlm.architectures.llava15 import PretrainedWeights, load_llava, load_projector
+from flexvlm.models.clip import load_clip_vision
+from flexvlm.models.families import decoder_config_from_hf, load_llm_weights
+from flexvlm.weights import read_checkpoint
 from flexvlm.cli import main
 from flexvlm.constants import IMAGE_TOKEN_INDEX
 from flexvlm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
@@ -255,11 +256,11 @@ def test_llava_with_a_qwen2_decoder_from_its_config(hf, tmp_path):
     llava = transformers.LlavaForConditionalGeneration(config).eval()
     _randomise(llava)
     llava.save_pretrained(tmp_path)
-    model = FlexVLM.from_pretrained(str(tmp_path), mode="lr_only", zoom=1).eval()
+    model = from_pretrained(str(tmp_path), mode="lr_only", zoom=1).eval()
     assert type(model.llm) is Qwen2 and model.config.attention_bias and model.config.rope_theta == 5000.0
     assert (_logits(model, hf["image"]) - _llava_logits(llava, hf["image"])).abs().max() < 1e-4
 
-    flex = FlexVLM.from_pretrained(str(tmp_path), num_sa_layers=1, zoom=1)
+    flex = from_pretrained(str(tmp_path), num_sa_layers=1, zoom=1)
     reference = llava.model.language_model.layers
     for i in flex.flex_layers:
         attn = flex.llm.layers[i].self_attn
@@ -398,7 +399,7 @@ def test_paper_config_parses_without_building_the_model(capsys, monkeypatch):
     assert model["llm"] == "vicuna-7b-v1.5" and model["zoom"] == 3 and model["num_sa_layers"] == 9
     assert model["selection"]["init_args"]["threshold"] == 48 and model["selection"]["init_args"]["block_grid"] == 9
     assert model["backbone"]["init_args"]["model_name"] == "ViT-L-14-336-quickgelu"
-    assert model["pretrained"]["class_path"] == "flexvlm.checkpoints.PretrainedWeights"
+    assert model["pretrained"]["class_path"] == "flexvlm.architectures.llava15.PretrainedWeights"
     assert printed["trainer"]["strategy"] == "deepspeed_stage_3"
 
 

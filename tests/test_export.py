@@ -1,5 +1,5 @@
 """``python -m flexvlm export``: a trained run written in the release's layout (or llava-hf's) loads back
-with ``FlexVLM.from_pretrained`` to the same logits, transformers reads what it knows of it, and what
+with ``flexvlm.architectures.from_pretrained`` to the same logits, transformers reads what it knows of it, and what
 cannot be exported or overwritten is refused with its name. Small models, CLIP-shaped towers."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import flexvlm.__main__ as entry_point
 from flexvlm.cli import main
 from flexvlm.constants import IMAGE_TOKEN_INDEX
 from flexvlm.data.tokenizer import load_tokenizer
+from flexvlm.architectures import PretrainedFlexVLM, from_pretrained
 from flexvlm.export import export
-from flexvlm.models.pretrained import PretrainedFlexVLM
 from flexvlm.models.vlm import FlexVLM
 
 transformers = pytest.importorskip("transformers")
@@ -100,7 +100,7 @@ def test_release_export_loads_back_to_the_same_logits(run, tmp_path):
     assert (tower["num_hidden_layers"], tower["hidden_act"]) == (2, "gelu")  # blocks 0 .. 1 of 3: layer -2
     assert any("N_SA" in n or "num_sa_layers 9" in n for n in notes)  # the authors' code hard-codes N_SA = 9
 
-    loaded = FlexVLM.from_pretrained(str(out))
+    loaded = from_pretrained(str(out))
     batch = _batch(96)
     expected, got = run["model"](**batch), loaded.eval()(**batch)
     assert expected.logits.std() > 0.1 and expected.sample_fraction.min() > 0  # the rows did select
@@ -130,7 +130,7 @@ def test_sharded_weights_and_the_cli(run, tmp_path, monkeypatch, capsys):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and all((out / shard).is_file() for shard in shards)
     assert not (out / "model.safetensors").exists()
-    reloaded = FlexVLM.from_pretrained(str(out)).state_dict()
+    reloaded = from_pretrained(str(out)).state_dict()
     assert all(torch.equal(v, reloaded[k]) for k, v in run["model"].state_dict().items())
 
     monkeypatch.setattr(sys, "argv", ["flexvlm", "export", "--ckpt", str(run["ckpt"]), "--out", str(out)])
@@ -151,11 +151,11 @@ def test_llava_hf_export_loads_back_and_in_transformers(run, tmp_path):
     notes = export(run["ckpt"], out, layout="llava-hf", image_token_id=IMAGE_TOKEN)
     assert notes == ["transformers runs this folder as plain LLaVA-1.5 (lr_only), not in flex mode"]
     batch = _batch(96)
-    assert (_logits(FlexVLM.from_pretrained(str(out)), batch) - _logits(run["model"], batch)).abs().max() < 1e-5
+    assert (_logits(from_pretrained(str(out)), batch) - _logits(run["model"], batch)).abs().max() < 1e-5
 
     # transformers: plain LLaVA (W_K', W_V' ignored) is flexvlm's lr_only mode at the tower's size
     llava = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
-    lr_only = FlexVLM.from_pretrained(str(out), mode="lr_only", zoom=1).eval()
+    lr_only = from_pretrained(str(out), mode="lr_only", zoom=1).eval()
     prompt = [1, 5, IMAGE_TOKEN_INDEX, 7, 8]
     at = prompt.index(IMAGE_TOKEN_INDEX)
     hf_ids = prompt[:at] + [IMAGE_TOKEN] * 16 + prompt[at + 1:]  # the 4 x 4 low-res tokens
@@ -195,7 +195,7 @@ def test_other_modes_and_selections_load_back_as_trained(experiment, release_key
     extra = json.loads((tmp_path / "out" / "config.json").read_text())["extra"]
     assert {k: v for k, v in extra.items() if k != "flexvlm"} == release_keys
     assert [n for n in notes if n.startswith(note)] if note else not notes
-    loaded = FlexVLM.from_pretrained(str(tmp_path / "out"))
+    loaded = from_pretrained(str(tmp_path / "out"))
     assert repr(loaded.selection) == repr(model.selection)
     batch = _batch(96)
     assert (_logits(loaded, batch) - _logits(model, batch)).abs().max() < 1e-5
@@ -211,7 +211,7 @@ def test_tied_embeddings_are_saved_once(tmp_path):
     export(ckpt, tmp_path / "out", configs=configs, layout="llava-hf", image_token_id=IMAGE_TOKEN)
     assert not any("lm_head" in name for name in load_file(tmp_path / "out" / "model.safetensors"))
     batch = _batch(96)
-    assert (_logits(FlexVLM.from_pretrained(str(tmp_path / "out")), batch) - _logits(model, batch)).abs().max() < 1e-5
+    assert (_logits(from_pretrained(str(tmp_path / "out")), batch) - _logits(model, batch)).abs().max() < 1e-5
     llava = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert torch.equal(llava.lm_head.weight, model.llm.lm_head.weight)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexvlm.constants import IMAGE_TOKEN_INDEX
-from flexvlm.generate import generate, generation_steps
+from flexvlm.models.generation import generate, generation_steps
 from flexvlm.models.flex_attention import FlexAttention
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import FlexVLM

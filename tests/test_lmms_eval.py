@@ -29,12 +29,13 @@ import datasets  # noqa: E402 (the lmms extra's, as lmms_eval)
 from lmms_eval.api.instance import Instance  # noqa: E402
 from test_checkpoints import HF_TEXT, hf  # noqa: E402, F401 (hf: a fixture, a random llava-hf folder)
 
+from flexvlm.architectures import from_pretrained  # noqa: E402
 from flexvlm.cli import main  # noqa: E402
 from flexvlm.data.benchmark_datamodule import BenchmarkDataModule  # noqa: E402
 from flexvlm.data.benchmarks import TextVQA  # noqa: E402
 from flexvlm.data.image import CLIP_MEAN  # noqa: E402
 from flexvlm.data.templates import VicunaV1Template  # noqa: E402
-from flexvlm.generate import generate  # noqa: E402
+from flexvlm.models.generation import generate  # noqa: E402
 from flexvlm.integrations import lmms_eval_vstar  # noqa: E402
 from flexvlm.integrations.lmms_eval import FlexVLMLmms  # noqa: E402
 from flexvlm.models.vlm import FlexVLM  # noqa: E402
@@ -377,9 +378,9 @@ def folder_adapter(llava_folder, files) -> FlexVLMLmms:
 
 
 def test_checkpoint_folder_loads_through_from_pretrained(folder_adapter, llava_folder, files):
-    """A LLaVA folder is built by ``FlexVLM.from_pretrained``, prompted with LLaVA-1.5's template and
+    """A LLaVA folder is built by ``from_pretrained``, prompted with LLaVA-1.5's template and
     normalised as CLIP, and answers as flexvlm's own benchmark data and ``generate`` do."""
-    model = FlexVLM.from_pretrained(str(llava_folder)).eval()
+    model = from_pretrained(str(llava_folder)).eval()
     assert all(torch.equal(a, b) for a, b in zip(folder_adapter.model.state_dict().values(),
                                                  model.state_dict().values(), strict=True))
     assert (type(folder_adapter.template), tuple(folder_adapter.mean)) == (VicunaV1Template, CLIP_MEAN)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from flexvlm.generate import generate
+from flexvlm.models.generation import generate
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import MODES, FlexVLM
 from flexvlm.selection import AttentionSelection

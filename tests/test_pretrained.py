@@ -1,4 +1,4 @@
-"""Models built from a checkpoint's own config.json (`FlexVLM.from_pretrained`, `PretrainedFlexVLM` in a
+"""Models built from a checkpoint's own config.json (`flexvlm.architectures.from_pretrained`, `PretrainedFlexVLM` in a
 YAML): the three LLaVA layouts, the authors' released FlexAttention checkpoint among them, as small
 random checkpoints written in those formats. Nothing is downloaded."""
 
@@ -15,10 +15,10 @@ from test_checkpoints import (  # noqa: F401 (hf and sp_folder are fixtures)
     HF_TEXT, HF_VISION, PROMPT, _backbone, _logits, _mm_projector, _randomise, _save_bin_shards, hf, sp_folder,
 )
 
-from flexvlm.checkpoints import PretrainedWeights, llama_config_from_hf
+from flexvlm.architectures import PretrainedFlexVLM, from_pretrained
+from flexvlm.architectures.llava15 import PretrainedWeights
 from flexvlm.cli import main
-from flexvlm.models.llm import LlamaConfig
-from flexvlm.models.pretrained import PretrainedFlexVLM
+from flexvlm.models.llm import LlamaConfig, llama_config_from_hf
 from flexvlm.models.vlm import FlexVLM, VLMOutput
 from flexvlm.selection import AttentionSelection, RandomSelection
 
@@ -97,7 +97,7 @@ def _forward(model: FlexVLM) -> VLMOutput:
 
 
 def test_released_checkpoint_settings_land_where_they_should(release):
-    model = FlexVLM.from_pretrained(str(release["folder"])).eval()
+    model = from_pretrained(str(release["folder"])).eval()
     config = model.config
     assert (config.vocab_size, config.num_layers, config.hidden_size, config.intermediate_size) == (131, 11, 32, 64)
     assert (config.num_heads, config.kv_heads, config.rms_norm_eps) == (4, 2, 1e-5)
@@ -133,7 +133,7 @@ def _by_hand(release, whole_blocks: bool, margin_rule: str = "release") -> FlexV
 def test_released_checkpoint_logits_match_the_model_built_by_hand(release):
     expected = _forward(_by_hand(release, whole_blocks=True))
     assert expected.logits.std() > 0.1
-    out = _forward(FlexVLM.from_pretrained(str(release["folder"])).eval())
+    out = _forward(from_pretrained(str(release["folder"])).eval())
     assert (out.logits - expected.logits).abs().max() < 1e-4
     # straddling blocks are selected whole, padding rows 6 or 11 included; the default rule cuts them off
     whole, cut = out.selection_masks[9][0, 0], _forward(_by_hand(release, whole_blocks=False))
@@ -147,11 +147,11 @@ def test_released_checkpoint_logits_match_the_model_built_by_hand(release):
 
 
 def test_released_random_ablation_and_overrides(release, tmp_path):
-    model = FlexVLM.from_pretrained(str(_variant(release, tmp_path, special="random")), pretrained=None)
+    model = from_pretrained(str(_variant(release, tmp_path, special="random")), pretrained=None)
     selection = model.selection
     assert type(selection) is RandomSelection and selection.whole_blocks
     assert (selection.budget.ratio, selection.block_grid) == (0.1, 8)  # the release: Bernoulli(0.1) on 8 x 8 blocks
-    chosen = FlexVLM.from_pretrained(str(release["folder"]), pretrained=None, num_sa_layers=4, zoom=1,
+    chosen = from_pretrained(str(release["folder"]), pretrained=None, num_sa_layers=4, zoom=1,
                                      selection="center", llm_overrides={"max_position_embeddings": 64})
     assert chosen.num_sa_layers == 4 and chosen.encoder.zoom == 1 and chosen.selection.whole_blocks is False
     assert chosen.config.max_position_embeddings == 64 and chosen.config.vocab_size == 131
@@ -160,22 +160,22 @@ def test_released_random_ablation_and_overrides(release, tmp_path):
 @pytest.mark.parametrize("key,value", [("threshold", "high"), ("zoom_ratio", "3x"), ("lowres_size", "")])
 def test_unreadable_extra_values_are_named(release, tmp_path, key, value):
     with pytest.raises(ValueError, match=f"extra '{key}' = '{value}' is not an integer"):
-        FlexVLM.from_pretrained(str(_variant(release, tmp_path, **{key: value})), pretrained=None)
+        from_pretrained(str(_variant(release, tmp_path, **{key: value})), pretrained=None)
 
 
 def test_extra_sizes_that_contradict_the_tower(release, tmp_path):
     with pytest.raises(ValueError, match="lowres_size 336: .* native size, 84"):
-        FlexVLM.from_pretrained(str(_variant(release, tmp_path, lowres_size="336")), pretrained=None)
+        from_pretrained(str(_variant(release, tmp_path, lowres_size="336")), pretrained=None)
 
 
 def test_missing_folder_config_and_tower(release, hf, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found: .*nowhere"):
-        FlexVLM.from_pretrained(str(tmp_path / "nowhere"))
+        from_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="no config.json in"):
-        FlexVLM.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     # the original layout names a hub tower: it must be given as a local folder
     with pytest.raises(ValueError, match="'openai/clip-vit-large-patch14-336' .*mm_vision_tower.* not a local folder"):
-        FlexVLM.from_pretrained(str(hf["root"] / "llava-original"))
+        from_pretrained(str(hf["root"] / "llava-original"))
 
 
 # ---------------------------------------------------------------- the YAML path
@@ -197,7 +197,7 @@ def test_released_yaml_builds_the_same_model(release, sp_folder, tmp_path, monke
     model = cli.model.model
     assert isinstance(model, PretrainedFlexVLM)
     assert model.num_sa_layers == 9 and model.encoder.zoom == 3 and model.selection.whole_blocks
-    reference = FlexVLM.from_pretrained(str(release["folder"])).state_dict()
+    reference = from_pretrained(str(release["folder"])).state_dict()
     got = model.state_dict()
     assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
 
@@ -209,7 +209,7 @@ def test_released_yaml_stacks_with_each_benchmark(benchmark, capsys, monkeypatch
         main(["test", "--config", str(RELEASED_YAML), "--config", str(benchmark), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["model"]["class_path"] == "flexvlm.models.pretrained.PretrainedFlexVLM"
+    assert printed["model"]["model"]["class_path"] == "flexvlm.architectures.PretrainedFlexVLM"
     reader = yaml.safe_load(benchmark.read_text())["data"]["init_args"]["benchmark"]["class_path"]
     assert printed["data"]["init_args"]["benchmark"]["class_path"] == reader
 
@@ -219,20 +219,20 @@ def test_released_yaml_stacks_with_each_benchmark(benchmark, capsys, monkeypatch
 
 def test_llava_hf_layout_builds_from_its_config(hf):
     """Vocabulary, sizes and the tower from `text_config` / `vision_config`; the logits are transformers'."""
-    model = FlexVLM.from_pretrained(str(hf["root"] / "llava-hf"), mode="lr_only", zoom=1).eval()
+    model = from_pretrained(str(hf["root"] / "llava-hf"), mode="lr_only", zoom=1).eval()
     assert model.config.vocab_size == HF_TEXT["vocab_size"] and model.config.kv_heads == 2
     assert (_logits(model, hf["image"]) - hf["logits"]).abs().max() < 1e-4
 
 
 def test_original_layout_builds_from_its_config(hf):
-    model = FlexVLM.from_pretrained(str(hf["root"] / "llava-original"), vision=str(hf["root"] / "clip"),
+    model = from_pretrained(str(hf["root"] / "llava-original"), vision=str(hf["root"] / "clip"),
                                     mode="lr_only", zoom=1).eval()
     assert model.config.vocab_size == HF_TEXT["vocab_size"]
     assert (_logits(model, hf["image"]) - hf["logits"]).abs().max() < 1e-4
 
 
 def test_checkpoint_without_extra_gets_the_default_flex_model(hf):
-    model = FlexVLM.from_pretrained(str(hf["root"] / "llava-hf"), pretrained=None)
+    model = from_pretrained(str(hf["root"] / "llava-hf"), pretrained=None)
     assert model.mode == "flex" and model.num_sa_layers == 1 and model.encoder.zoom == 3  # FlexVLM's defaults
     assert type(model.selection) is AttentionSelection and not model.selection.whole_blocks
     assert model.margin_rule == "centre"

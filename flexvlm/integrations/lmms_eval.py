@@ -27,13 +27,14 @@ from lmms_eval.api.model import lmms
 from loguru import logger  # lmms-eval's logger
 from torch import Tensor
 
+from flexvlm.architectures import from_pretrained
 from flexvlm.cli import main as cli_main
 from flexvlm.data.collate import VQACollator
 from flexvlm.data.image import CLIP_MEAN, CLIP_STD, preprocess_image
 from flexvlm.data.templates import ChatTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import Tokenizer, load_tokenizer
 from flexvlm.evaluation import LikelihoodChoice
-from flexvlm.generate import generate
+from flexvlm.models.generation import generate
 from flexvlm.lit_module import sequence_limits
 from flexvlm.models.vlm import FlexVLM
 
@@ -73,8 +74,8 @@ def load_run(folder: Path, checkpoint: Path) -> LoadedModel:
 
 
 def load_checkpoint_folder(folder: Path, vision: str | None) -> LoadedModel:
-    """A LLaVA-1.5 folder as ``FlexVLM.from_pretrained`` reads it, prompted as LLaVA-1.5 is."""
-    return LoadedModel(FlexVLM.from_pretrained(str(folder), vision), load_tokenizer(folder), VicunaV1Template(),
+    """A LLaVA-1.5 folder as ``flexvlm.architectures.from_pretrained`` reads it, prompted as LLaVA-1.5 is."""
+    return LoadedModel(from_pretrained(str(folder), vision), load_tokenizer(folder), VicunaV1Template(),
                        CLIP_MEAN, CLIP_STD, FOLDER_MAX_NEW_TOKENS)
 
 
@@ -137,7 +138,7 @@ class FlexVLMLmms(lmms):
 
     Model arguments (``--model_args key=value,...``):
         pretrained: a flexvlm run folder (config.yaml and checkpoints/last.ckpt), one of its
-            ``.ckpt`` files, or a LLaVA-1.5 folder that ``FlexVLM.from_pretrained`` reads.
+            ``.ckpt`` files, or a LLaVA-1.5 folder that ``flexvlm.architectures.from_pretrained`` reads.
         vision: the CLIP tower of a LLaVA folder in the original layout (``from_pretrained``'s).
         batch_size: questions per forward pass (lmms-eval's ``--batch_size``; a number).
         device: default ``cuda:$LOCAL_RANK`` when there is a GPU, else ``cpu``.

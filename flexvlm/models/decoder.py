@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexvlm.weights import raise_mismatches
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -352,3 +354,35 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
+
+
+def config_from_hf(
+    config_class: type[DecoderConfig], hf: dict, defaults: dict, activations: tuple[str, ...], problems: list[str],
+    source: str, **fields: Any,
+) -> DecoderConfig:
+    """A family's config from a transformers config.json (or llava-hf's `text_config`), an absent key
+    meaning transformers' default (`defaults`), as in transformers itself. Settings that the decoder
+    does not implement are refused: `problems` found by the family, an activation not in
+    `activations`, a RoPE type other than the default."""
+    hf, problems = {**defaults, **hf}, list(problems)
+    act = hf.get("hidden_activation") or hf["hidden_act"]  # old Gemma configs name it hidden_activation
+    if act not in activations:
+        problems.append(f"hidden_act {act!r}: the decoder implements {' / '.join(activations)} only")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"RoPE type {rope_type!r}: the decoder implements the default RoPE only")
+    raise_mismatches(problems, source, "decoder flexvlm implements")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    # a family whose transformers config sets a head size of its own (Gemma) keeps it; elsewhere it is
+    # derived from the width, as a preset's is
+    explicit_head = "head_dim" in defaults or head_dim != hidden // heads
+    return config_class(**{
+        "vocab_size": hf["vocab_size"], "hidden_size": hidden, "intermediate_size": hf["intermediate_size"],
+        "num_layers": hf["num_hidden_layers"], "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads"),
+        "head_size": head_dim if explicit_head else None,
+        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rms_norm_eps": hf["rms_norm_eps"],
+        "max_position_embeddings": hf["max_position_embeddings"], "tie_word_embeddings": hf["tie_word_embeddings"],
+        **fields,
+    })

@@ -14,7 +14,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexvlm.models.decoder import DecoderConfig, LanguageModel
+from flexvlm.models.decoder import DecoderConfig, LanguageModel, config_from_hf
 from flexvlm.models.llm import RMSNorm, llama_stack
 
 gelu_tanh = partial(F.gelu, approximate="tanh")
@@ -62,3 +62,17 @@ class Gemma(LanguageModel):
         embeds = super().embed(input_ids)
         # the scale in the embeddings' dtype, as transformers casts it
         return embeds * embeds.new_tensor(self.config.hidden_size**0.5)
+
+
+_HF_GEMMA_DEFAULTS = {
+    "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+}
+
+
+def gemma_config_from_hf(hf: dict, source: str = "config.json") -> GemmaConfig:
+    """A transformers Gemma (1) config as a GemmaConfig. Gemma's released configs say `gelu`, which
+    transformers reads as the tanh approximation, as flexvlm does."""
+    problems = ["attention_bias: Gemma's projections have no bias in flexvlm"] if hf.get("attention_bias") else []
+    return config_from_hf(GemmaConfig, hf, _HF_GEMMA_DEFAULTS, ("gelu", "gelu_pytorch_tanh"), problems, source)

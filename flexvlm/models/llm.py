@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from flexvlm.models.decoder import (
     AttentionInputs, DecoderAttention, DecoderConfig, DecoderLayer, DecoderStack, KVCache, LanguageModel,
-    RotaryEmbedding, apply_rope,
+    RotaryEmbedding, apply_rope, config_from_hf,
 )
 
 
@@ -144,3 +144,18 @@ class Llama(LanguageModel):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config, llama_stack(config))
+
+
+# transformers' defaults of each family's config, for the keys a config.json leaves out (llava-hf saves
+# only the keys that differ from them: its 7B `text_config` names the vocabulary, 32064, not the sizes)
+_HF_LLAMA_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+
+def llama_config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
+    """A transformers LLaMA config (`config.json`, or llava-hf's `text_config`) as a LlamaConfig."""
+    return config_from_hf(LlamaConfig, hf, _HF_LLAMA_DEFAULTS, ("silu",), [], source,
+                           attention_bias=hf.get("attention_bias", False))

@@ -1,13 +1,13 @@
 """The Qwen2 family: LLaMA's decoder with q/k/v bias, its RoPE theta and RMSNorm eps, and tied
 embeddings in its small models. transformers' ``Qwen2ForCausalLM`` uses LLaMA's names, so a Qwen2
 checkpoint loads under them; sliding-window attention (``use_sliding_window``, off in the released
-models) is not implemented, and such a config.json is refused (``flexvlm.checkpoints``)."""
+models) is not implemented, and such a config.json is refused (``qwen2_config_from_hf``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flexvlm.models.decoder import DecoderConfig, LanguageModel
+from flexvlm.models.decoder import DecoderConfig, LanguageModel, config_from_hf
 from flexvlm.models.llm import llama_stack
 
 
@@ -40,3 +40,17 @@ class Qwen2(LanguageModel):
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__(config, llama_stack(config))
+
+
+_HF_QWEN2_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+    "tie_word_embeddings": False, "hidden_act": "silu",
+}
+
+
+def qwen2_config_from_hf(hf: dict, source: str = "config.json") -> Qwen2Config:
+    """A transformers Qwen2 config as a Qwen2Config: q/k/v bias always; sliding windows refused."""
+    sliding = hf.get("use_sliding_window")
+    problems = ["use_sliding_window: the decoder implements full attention only"] if sliding else []
+    return config_from_hf(Qwen2Config, hf, _HF_QWEN2_DEFAULTS, ("silu",), problems, source, attention_bias=True)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexvlm import sharding
-from flexvlm.checkpoints import PretrainedWeights, arguments_from_llava
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.decoder import KVCache, LanguageModel
 from flexvlm.models.encoder import DualPathEncoder
 from flexvlm.models.families import preset
+from flexvlm.models.generation import generate
 from flexvlm.models.flex_attention import (
     FLEX_IMPLS, FlexAttention, HighResState, Selection, SelectingRows, cross_attention_layer, flex_layer,
     interpolate_rope, low_res_map, mapped_layer,
@@ -63,6 +64,15 @@ class VLMOutput:
     row_fraction: Tensor | None = None  # (B, R) HR fraction used per selecting row, mean over FA layers
 
 
+class WeightLoader(ABC):
+    """Local weights a FlexVLM starts from (``FlexVLM(pretrained=...)``), loaded once it has tensors:
+    an architecture's checkpoint reader implements it (``flexvlm.architectures``)."""
+
+    @abstractmethod
+    def apply(self, model: FlexVLM) -> None:
+        """Load the weights into ``model``, strictly."""
+
+
 class FlexVLM(nn.Module):
     """Assembled from swappable parts; every part is a constructor argument, so a YAML names it."""
 
@@ -74,18 +84,19 @@ class FlexVLM(nn.Module):
         mode: str = "flex",
         num_sa_layers: int | None = None,
         selection: SelectionStrategy | str | None = None,
-        projector: str = "mlp2x_gelu",
+        projector: str | nn.Module = "mlp2x_gelu",
         zoom: int = 3,
         high_res_path: str = "crops",
         high_res_grad: bool = False,
         gradient_checkpointing: bool = False,
-        pretrained: PretrainedWeights | None = None,
+        pretrained: WeightLoader | None = None,
         flex_impl: str = "fused",
         margin_rule: str = "centre",
     ) -> None:
         """``llm``: the decoder, any family's ``LanguageModel`` (in a YAML by ``class_path`` and
         ``init_args``, as the backbone), or the name of a preset (``flexvlm.models.families``), whose
-        fields ``llm_overrides`` changes.
+        fields ``llm_overrides`` changes. ``projector``: a module from the tower's width to the
+        decoder's, or the name of one (``flexvlm.models.projector.build_projector``, LLaVA's layouts).
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
         (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends);
         ``flex`` and ``xattn`` need at least one layer after them.
@@ -115,7 +126,8 @@ class FlexVLM(nn.Module):
         else:
             family, self.config = None, llm.config
         self.encoder = DualPathEncoder(backbone, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad)
-        self.projector = build_projector(projector, backbone.embed_dim, self.config.hidden_size)
+        self.projector = (projector if isinstance(projector, nn.Module)
+                          else build_projector(projector, backbone.embed_dim, self.config.hidden_size))
         # a preset's decoder is built after the projector, so that a seed keeps giving the same weights
         self.llm = llm if family is None else family(self.config)
         self.llm.gradient_checkpointing = gradient_checkpointing
@@ -140,16 +152,6 @@ class FlexVLM(nn.Module):
         self.pretrained = pretrained
         if pretrained is not None and not self.is_meta:
             pretrained.apply(self)
-
-    @classmethod
-    def from_pretrained(cls, checkpoint: str, vision: str | None = None, **overrides: Any) -> FlexVLM:
-        """Built from a local LLaVA-1.5 folder's own config.json and loaded with its weights: llava-hf,
-        the original layout (its tower ``vision``, by default ``mm_vision_tower`` if that is a local
-        folder), or the authors' released FlexAttention checkpoint, whose ``extra`` settings set N_SA,
-        zoom and the selection. ``overrides``: FlexVLM arguments that replace what the checkpoint
-        implies (``mode``, ``num_sa_layers``, ``selection``...). See
-        ``flexvlm.checkpoints.arguments_from_llava``."""
-        return cls(**arguments_from_llava(checkpoint, vision, **overrides))
 
     @property
     def is_meta(self) -> bool:
@@ -191,10 +193,8 @@ class FlexVLM(nn.Module):
         return sharding.is_fully_sharded(self)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``flexvlm.generate.generate`` on this model (its arguments after the model): the entry
+        """``flexvlm.models.generation.generate`` on this model (its arguments after the model): the entry
         point through which a sharded model gathers its root unit for generation (``fully_shard``)."""
-        from flexvlm.generate import generate  # that module builds on this one
-
         return generate(self, *args, **kwargs)
 
     def load_weights(self) -> None:

@@ -11,14 +11,16 @@ generations). docs/benchmarks.md measures the crossover.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor
 
 from flexvlm.models.llm import KVCache
-from flexvlm.models.vlm import FlexVLM
 from flexvlm.sharding import all_processes
+
+if TYPE_CHECKING:  # the model calls this module (FlexVLM.generate), not the other way round
+    from flexvlm.models.vlm import FlexVLM
 
 
 @dataclass
