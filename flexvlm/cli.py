@@ -174,7 +174,7 @@ class FlexVLMCLI(LightningCLI):
         config = self._subcommand_config(self.config)
         if config.get("threads") is not None:
             torch.set_num_threads(config.threads)
-        if self.subcommand == "fit" and _is_local_checkpoint(config.get("ckpt_path")):
+        if self.subcommand == "fit" and config.get("ckpt_path"):
             _resume_in_checkpoint_folder(config)
 
     def instantiate_classes(self) -> None:
@@ -213,8 +213,9 @@ class FlexVLMCLI(LightningCLI):
 def _is_local_checkpoint(ckpt_path: str | None) -> bool:
     """Whether ``ckpt_path`` names a local checkpoint file, not one of Lightning's keywords (``last``,
     ``best``, ...), a remote path, or a sharded checkpoint folder that its strategy reads."""
-    keyword = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).lower().startswith("registry")
-    if not ckpt_path or keyword or "://" in ckpt_path:
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc") or ckpt_path.lower().startswith("registry"):
+        return False
+    if "://" in ckpt_path:
         return False
     return not (Path(ckpt_path).is_dir() and (Path(ckpt_path) / ".metadata").is_file())
 
