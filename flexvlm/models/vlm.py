@@ -135,7 +135,8 @@ class FlexVLM(nn.Module):
         if num_sa_layers is None:
             num_sa_layers = 0 if mode == "xattn" else max(1, round(num_layers * 9 / 32))
         min_sa = 1 if mode == "flex" else 0  # flex needs one plain layer whose map seeds the selection
-        max_sa = num_layers - 1 if mode in ("flex", "xattn") else num_layers  # ... and a layer that uses high res
+        # ... and flex and xattn a layer after the plain ones that attends to high-res tokens
+        max_sa = num_layers - 1 if mode in ("flex", "xattn") else num_layers
         if not min_sa <= num_sa_layers <= max_sa:
             raise ValueError(f"num_sa_layers must be in [{min_sa}, {max_sa}] for mode {mode!r} with {num_layers} decoder "
                              f"layers, got {num_sa_layers}" + (": no layer would attend to high-res tokens"
