@@ -12,6 +12,7 @@ import importlib
 import inspect
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -162,7 +163,11 @@ class FlexVLMCLI(LightningCLI):
         return config[self.subcommand] if self.subcommand else config
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        # flexvlm's own programs (check-data, export, sweeps, lmms-eval) build the CLI from arguments of
+        # their own beside a command line of their own: Lightning's warning about that is no mistake here
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            super().parse_arguments(parser, args)
         # before LightningCLI reads the checkpoint's hyperparameters: a wrong file is named now, not
         # met as a bare EOFError of torch's
         subcommand = self.config.get("subcommand")  # self.subcommand is set after this call
@@ -215,9 +220,7 @@ def _is_local_checkpoint(ckpt_path: str | None) -> bool:
     ``best``, ...), a remote path, or a sharded checkpoint folder that its strategy reads."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc") or ckpt_path.lower().startswith("registry"):
         return False
-    if "://" in ckpt_path:
-        return False
-    return not (Path(ckpt_path).is_dir() and (Path(ckpt_path) / ".metadata").is_file())
+    return "://" not in ckpt_path and not (Path(ckpt_path) / ".metadata").is_file()
 
 
 def _resume_in_checkpoint_folder(config: Any) -> None:

@@ -32,7 +32,6 @@ import argparse
 import json
 import shutil
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import zip_longest
@@ -108,9 +107,7 @@ def _config_args(checkpoint: Path, configs: Sequence[str]) -> list[str]:
 
 def build_run_model(checkpoint: str | Path, configs: Sequence[str] = ()) -> tuple[FlexVLM, str | None]:
     """The model of a run's configs, on the meta device, and its data's tokenizer path (None: none)."""
-    with warnings.catch_warnings():  # LightningCLI warns that this process has a command line of its own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = build(_RunModelCLI, _config_args(Path(checkpoint), configs), run=False)
+    cli = build(_RunModelCLI, _config_args(Path(checkpoint), configs), run=False)
     return cli.model, cli.tokenizer_path
 
 
@@ -231,8 +228,8 @@ def _extra(model: FlexVLM, hyper_parameters: dict) -> dict[str, Any]:
 
 
 def _notes(model: FlexVLM, extra: dict, layout: str) -> list[str]:
-    """What other code runs otherwise than the model (flexvlm.architectures.from_pretrained runs it as trained):
-    transformers runs plain LLaVA; the authors' code what the release's keys of `extra` say."""
+    """What other code runs otherwise than the model (flexvlm.architectures.from_pretrained runs it as
+    trained): transformers runs plain LLaVA; the authors' code what the release's keys of `extra` say."""
     if model.mode == "lr_only":
         return []
     if layout == "llava-hf" or model.mode != "flex":
@@ -276,7 +273,8 @@ def _release(model: FlexVLM, weights: StateDict, extra: dict) -> dict[str, _Fold
     }
     tower_config = {"architectures": ["CLIPVisionModel"], **_clip_config(backbone),
                     "torch_dtype": _dtype(weights, "encoder.backbone.")}
-    return {".": _Folder(config, put_parts(parts, layout.prefixes, layout.name)), TOWER_FOLDER: _Folder(tower_config, tower)}
+    return {".": _Folder(config, put_parts(parts, layout.prefixes, layout.name)),
+            TOWER_FOLDER: _Folder(tower_config, tower)}
 
 
 def _llava_hf(model: FlexVLM, weights: StateDict, extra: dict, image_token_id: int | None) -> dict[str, _Folder]:
@@ -366,7 +364,8 @@ def _architecture(model: FlexVLM) -> dict[str, str]:
 
 
 def _check_rebuilds(folder: Path, model: FlexVLM) -> None:
-    """flexvlm.architectures.from_pretrained(folder) builds the run's model (on the meta device: no weights read)."""
+    """flexvlm.architectures.from_pretrained(folder) builds the run's model (on the meta device: no
+    weights read)."""
     with torch.device("meta"):
         rebuilt = FlexVLM(**arguments_from_llava(folder, pretrained=None))
     expected, found = _architecture(model), _architecture(rebuilt)
@@ -440,8 +439,8 @@ def export(
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flexvlm export",
-        description="Write a trained run in its architecture's own format, which flexvlm.architectures.from_pretrained(<out>) "
-                    "loads back (README: Sharing a trained model).",
+        description="Write a trained run in its architecture's own format, which "
+                    "flexvlm.architectures.from_pretrained(<out>) loads back (README: Sharing a trained model).",
     )
     parser.add_argument("--ckpt", required=True,
                         help="the run's Lightning checkpoint, e.g. <version>/checkpoints/last.ckpt")
@@ -460,7 +459,8 @@ def main(args: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"flexvlm export: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {options.out} ({options.layout} format); flexvlm.architectures.from_pretrained({str(options.out)!r}) loads it")
+    print(f"wrote {options.out} ({options.layout} format); "
+          f"flexvlm.architectures.from_pretrained({str(options.out)!r}) loads it")
     for note in notes:
         print(f"note: {note}")
     return 0

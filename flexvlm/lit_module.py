@@ -277,10 +277,11 @@ class FlexVLMModule(L.LightningModule):
         folder = self._folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if stage == "fit":
             check_writable(folder, "the run folder")
+            one_checkpoint = checkpoint_bytes(self)
             for callback in self.trainer.checkpoint_callbacks:
                 if callback.dirpath is not None:
                     check_writable(Path(callback.dirpath), "the checkpoint folder")
-                    check_free_space(Path(callback.dirpath), checkpoint_bytes(self), "the checkpoint folder")
+                    check_free_space(Path(callback.dirpath), one_checkpoint, "the checkpoint folder")
         self._skip_log = SkipLog(folder)
         if self.trainer.is_global_zero:  # the samples the datamodule left out (and listed) as it read the files
             for split in STAGE_SPLITS[stage]:

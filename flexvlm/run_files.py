@@ -109,9 +109,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as err:
             if not _is_out_of_space(err):
                 raise
-            raise OSError(errno.ENOSPC, f"no space left to save the checkpoint {path} ({_size(_free_bytes(Path(path)))} "
-                                        "free): the previous checkpoint there is kept whole; free some space and resume "
-                                        "from it (--ckpt_path)") from err
+            free = _size(_free_bytes(Path(path)))
+            raise OSError(errno.ENOSPC, f"no space left to save the checkpoint {path} ({free} free): the previous "
+                                        "checkpoint there is kept whole; free some space and resume from it "
+                                        "(--ckpt_path)") from err
 
 
 RUN_CHECKPOINT = "a Lightning checkpoint of a flexvlm run (e.g. <run folder>/checkpoints/last.ckpt)"

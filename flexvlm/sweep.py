@@ -52,13 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import Namespace
 
 from flexvlm.cli import FlexVLMCLI, build
 from flexvlm.flops import generation_flops
 from flexvlm.plots import accuracy_flops_plot
+from flexvlm.run_files import read_run_checkpoint
 from flexvlm.runs import config_contents, reuse_or_train, run_command, written
 
 VERSION = "sweep"  # the version folder of a run without grid point or seed; evaluation entries name it
@@ -285,7 +285,7 @@ def trained_cost(cli: Any, checkpoint: Path) -> dict:
     """What a trained run costs: the FLOPs of a whole greedy generation per sample on the first test
     batch, with the checkpoint's weights (attention selection depends on them); its mode, selection
     strategy and training steps."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_run_checkpoint(checkpoint)
     cli.model.load_state_dict(state["state_dict"])
     cli.datamodule.setup("test")
     batch = next(iter(cli.datamodule.test_dataloader()))

@@ -71,7 +71,8 @@ def read_state_dict(path: str | Path, expected: str = STATE_DICT) -> dict[str, T
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
         if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):  # nor an old torch file: torch's own
-            raise ValueError(f"{path} was not written by torch.save (it is no zip archive), expected {expected}") from err
+            raise ValueError(f"{path} was not written by torch.save (it is no zip archive), "
+                             f"expected {expected}") from err
         raise ValueError(f"{path} cannot be read as {expected}: {err}") from err
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, expected {expected}")

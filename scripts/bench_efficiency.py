@@ -62,8 +62,8 @@ def build(variant: str, args: argparse.Namespace) -> FlexVLM:
     torch.manual_seed(0)
     backbone = TimmBackbone("vit_tiny_patch16_224", model_kwargs=dict(
         img_size=args.patch * 24, patch_size=args.patch, depth=2, embed_dim=192, num_heads=3))
-    strategy = (CenterSelection(ratio=0.1, block_grid=9) if selection == "center"
-                else AttentionSelection(ratio=0.1, block_grid=9))
+    strategy = {None: None, "center": CenterSelection(ratio=0.1, block_grid=9),
+                "attention": AttentionSelection(ratio=0.1, block_grid=9)}[selection]
     num_sa = {"flex": round(args.layers * 9 / 32), "xattn": 0}.get(mode)
     model = FlexVLM(
         backbone, llm="tiny", mode=mode, num_sa_layers=num_sa, selection=strategy, high_res_grad=False,

@@ -14,7 +14,6 @@ import warnings
 from collections import Counter
 
 import torch
-from jsonargparse import ArgumentParser
 from torch.utils.data import DataLoader, Dataset
 
 from flexvlm.cli import FlexVLMCLI, build, instantiate_part
@@ -97,12 +96,6 @@ def report(problems: list[Problem], sizes: Counter) -> int:
 
 class DataCheckCLI(FlexVLMCLI):
     """The run's own configs and links, but only the data is built, and the model's shape on the meta device."""
-
-    def parse_arguments(self, parser: ArgumentParser, args: list[str] | None) -> None:
-        # check-data is given the command line after "check-data" as args, which LightningCLI warns about
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
-            super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
         self.datamodule = instantiate_part(self.config.data, _VQADataModule)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from flexvlm.evaluation import LikelihoodChoice
 from flexvlm.models.generation import generate
 from flexvlm.lit_module import sequence_limits
 from flexvlm.models.vlm import FlexVLM
+from flexvlm.run_files import read_run_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a checkpoint folder's answer length when the task sets none (a run has its own model.max_new_tokens)
@@ -64,11 +64,9 @@ def load_run(folder: Path, checkpoint: Path) -> LoadedModel:
         config.pop(key, None)
     config["trainer"] = {"accelerator": "cpu", "devices": 1, "logger": False}  # only the model and data are built
     config["model"]["init_from"] = None  # the checkpoint holds every weight: not the ones the run started from
-    with warnings.catch_warnings():  # LightningCLI warns that lmms-eval's process has an argv of its own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = cli_main(config, run=False)
+    cli = cli_main(config, run=False)
     module, data = cli.model, cli.datamodule
-    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    module.load_state_dict(read_run_checkpoint(checkpoint)["state_dict"])
     return LoadedModel(module.model, data.tokenizer, data.template, data.hparams.mean, data.hparams.std,
                        module.hparams.max_new_tokens, module.hparams.high_res_kv)
 

@@ -1,0 +1,28 @@
+"""The benchmark script builds each of its variants (a model setting it would refuse otherwise shows
+here, not only when someone reruns the benchmark)."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_efficiency.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_efficiency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _bench_module()
+
+
+@pytest.mark.parametrize("variant", sorted(BENCH.VARIANTS))
+def test_every_benchmark_variant_builds_in_its_mode(variant):
+    args = argparse.Namespace(hidden=64, layers=4, patch=8, device="cpu", dtype="float32")
+    model = BENCH.build(variant, args)
+    mode, selection, _ = BENCH.VARIANTS[variant]
+    assert model.mode == mode and (model.selection is None) == (selection is None)
