@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from flexvlm.lit_module import FlexVLMModule
+from flexvlm.models.encoder import VisualEncoder
 from flexvlm.models.vision import VisionBackbone
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.run_files import AtomicCheckpointIO, keep_log_before_resume, read_run_checkpoint
@@ -38,7 +39,6 @@ BACKBONE_LINKS = [
     ("patch_size", "data.init_args.patch_size"),
     ("mean", "data.init_args.mean"),
     ("std", "data.init_args.std"),
-    ("embed_dim", "model.aux_objective.init_args.embed_dim"),
 ]
 
 
@@ -63,13 +63,26 @@ def backbone_on_meta(spec: Namespace) -> VisionBackbone:
         return _import_class(spec.class_path)(**init_args)
 
 
-def _backbone_attribute(name: str) -> Callable[[Namespace], Any]:
-    return lambda spec: getattr(backbone_on_meta(spec), name)
+def _backbone_attribute(name: str) -> Callable[[Namespace | None, Namespace | None], Any]:
+    """A data setting from the model's backbone; None for an architecture's encoder, whose image
+    processor gives the data its geometry (``flexvlm.data.visuals``)."""
+    return lambda backbone, encoder: None if backbone is None else getattr(backbone_on_meta(backbone), name)
 
 
-def _high_res_size(zoom: int, spec: Namespace) -> int:
-    """The high-res image side the data must produce: zoom x the backbone's input side."""
-    return zoom * backbone_on_meta(spec).image_size
+def _feature_dim(backbone: Namespace | None, encoder: Namespace | None) -> int | None:
+    """The width of the tower's features: an auxiliary objective's input."""
+    if backbone is not None:
+        return backbone_on_meta(backbone).embed_dim
+    if encoder is None:
+        return None
+    with torch.device("meta"):
+        return instantiate_part(encoder, VisualEncoder).feature_dim
+
+
+def _high_res_size(zoom: int, backbone: Namespace | None) -> int | None:
+    """The high-res image side the data must produce: zoom x the backbone's input side (None for an
+    architecture's encoder, see ``_backbone_attribute``)."""
+    return None if backbone is None else zoom * backbone_on_meta(backbone).image_size
 
 
 def _valid_keys(parser: LightningArgumentParser, message: str) -> tuple[str, list[str]] | None:
@@ -154,7 +167,10 @@ class FlexVLMCLI(LightningCLI):
                                  "LightningModule's configure_model gives it its tensors on the Trainer's device")
         parser.link_arguments(f"{MODEL}.zoom", "data.init_args.zoom")
         for attribute, target in BACKBONE_LINKS:
-            parser.link_arguments(f"{MODEL}.backbone", target, compute_fn=_backbone_attribute(attribute))
+            parser.link_arguments((f"{MODEL}.backbone", f"{MODEL}.encoder"), target,
+                                  compute_fn=_backbone_attribute(attribute))
+        parser.link_arguments((f"{MODEL}.backbone", f"{MODEL}.encoder"), "model.aux_objective.init_args.embed_dim",
+                              compute_fn=_feature_dim)
         parser.link_arguments((f"{MODEL}.zoom", f"{MODEL}.backbone"), "data.init_args.image_size",
                               compute_fn=_high_res_size)
 

@@ -49,6 +49,7 @@ from flexvlm.architectures.llava15 import (
 )
 from flexvlm.cli import FlexVLMCLI, build, instantiate_part
 from flexvlm.models.clip import clip_vision_to_hf
+from flexvlm.models.encoder import DualPathEncoder
 from flexvlm.models.families import FAMILIES, family_of, llama_from_hf, llama_to_hf
 from flexvlm.models.vision import OpenClipBackbone
 from flexvlm.models.vlm import FlexVLM
@@ -136,6 +137,9 @@ def _model_types(model: FlexVLM) -> tuple[str, ...]:
 
 
 def _refuse_what_has_no_place(model: FlexVLM, layout: str) -> None:
+    if not isinstance(model.encoder, DualPathEncoder):
+        raise ValueError(f"the {layout} format holds LLaVA-1.5's geometry; this model's {type(model.encoder).__name__} "
+                         f"is another architecture's: its run folder (config.yaml and the checkpoint) is what shares it")
     backbone, llm = model.encoder.backbone, model.llm
     problems = []
     if not isinstance(backbone, OpenClipBackbone):

@@ -1,27 +1,36 @@
 """FLOPs of a whole greedy generation per sample, vision included (the paper's efficiency measure).
 
 ``generation_flops`` measures them with ``FlopCounterMode``; ``generation_cost`` predicts the same
-count from shapes alone (no tensors, so 7B shapes cost nothing) and ``paper_scale_table`` applies it
-at LLaVA-1.5-7B shapes.
+count from shapes alone (no tensors, so 7B shapes cost nothing), ``paper_scale_table`` applies it
+at LLaVA-1.5-7B shapes and ``architecture_scale_table`` at the published shapes of SmolVLM and
+LLaVA-OneVision (``python -m flexvlm.flops`` prints that table).
 
 What is counted is what FlopCounterMode counts: matrix products only (mm / addmm / bmm / baddbmm /
 convolution; SDPA as its products), 2 FLOPs per multiply-add, biases, norms, softmax, RoPE,
-pooling, sorting and gathers free. A Linear on t tokens is 2 t in out; attention of q query rows
-over k keys is 4 q k D (QK^T and PV, D = heads x head_dim) whatever the causal or padding mask;
-scores alone are 2 q k D.
+pooling, sorting, gathers, reshapes (pixel shuffle), interpolation (the anyres shrink) and
+embedding lookups (newline / special text tokens) free. A Linear on t tokens is 2 t in out;
+attention of q query rows over k keys is 4 q k D (QK^T and PV, D = heads x head_dim) whatever the
+causal or padding mask; scores alone are 2 q k D.
 
-Notation: g x g low-res tokens, M = (zoom g)^2 high-res (HR) tokens, T text tokens, n prompt
-length, L decoder layers, N_SA plain layers, K HR tokens selected per FA layer per step, P the
-distinct HR tokens projected per FA layer over the generation, S new tokens.
+An image's geometry is an ``ImageCost``: per mode, its tower passes, the sequence positions it takes
+(image tokens and any newline / special text tokens the architecture adds), the M high-res (HR)
+tokens beside the sequence, and the tokens its projector runs on. ``ImageCost.llava`` is LLaVA-1.5's
+(one low-res pass of g x g tokens, zoom^2 crops giving M = (zoom g)^2 HR tokens),
+``ImageCost.smolvlm`` SmolVLM / Idefics3's tiles and global view, ``ImageCost.onevision``
+LLaVA-OneVision's base view and anyres grid (each constructor's docstring says what goes where).
 
-- Vision, per tower pass, t = g^2 + cls tokens through ``blocks_run`` blocks (the tower stops at the
-  block whose output it returns): patch conv 2 g^2 3p^2 C, per block 2t C 3C + 4t^2 C + 2t C^2 +
-  4t C C_mlp. Passes: lr_only 1, hd zoom^2 (crops), xattn / flex 1 + zoom^2.
-- Projector on g^2 (lr_only), M (hd), g^2 + M (xattn, flex) tokens; mlp{N}x_gelu is one Linear
-  C -> D and N - 1 Linears D -> D.
-- Forwards: a prefill over n = T + g^2 (hd: T + M), then S - 1 decode steps of one token, step s
-  with Nk = n + s keys. Decoder Linears (q, o: D -> D; k, v: D -> kv; gate, up, down) on every token
-  of every forward; lm_head on the last row of each forward (S rows).
+Notation: T text tokens, n prompt length (T + the image's sequence positions of the mode), L
+decoder layers, N_SA plain layers, K HR tokens selected per FA layer per step, P the distinct HR
+tokens projected per FA layer over the generation, S new tokens.
+
+- Vision, per tower pass, t = g^2 (+1 with a CLS token) tokens through ``blocks_run`` blocks (the
+  tower stops at the block whose output it returns): patch conv 2 g^2 3p^2 C, per block
+  2t C 3C + 4t^2 C + 2t C^2 + 4t C C_mlp. Passes: ``ImageCost.passes(mode)``.
+- Projector on ``ImageCost.projected_tokens(mode)`` tokens: linear is one Linear C_in -> D,
+  mlp{N}x_gelu one Linear C_in -> D and N - 1 Linears D -> D.
+- Forwards: a prefill over n tokens, then S - 1 decode steps of one token, step s with Nk = n + s
+  keys. Decoder Linears (q, o: D -> D; k, v: D -> kv; gate, up, down) on every token of every
+  forward; lm_head on the last row of each forward (S rows).
 - attention (every layer, every mode): prefill 4 n^2 D, decode 4 Nk D.
 - cross_attention (xattn, layers >= N_SA): prefill 4 n M D, decode 4 M D per step.
 - selection_overhead (flex; its fused implementation at alpha = 1, as in generation), with map
@@ -48,7 +57,8 @@ from flexvlm.models.llm import LlamaConfig
 from flexvlm.models.vlm import MODES, FlexVLM
 
 __all__ = [
-    "CLIP_VIT_L14_336", "LLAMA_2_7B", "CostBreakdown", "DecoderShape", "VisionShape", "generation_cost",
+    "ARCHITECTURES", "ArchitectureShape", "CLIP_VIT_L14_336", "LLAMA_2_7B", "CostBreakdown", "DecoderShape",
+    "ImageCost", "VisionShape", "architecture_scale_table", "format_architecture_table", "generation_cost",
     "generation_flops", "paper_scale_table",
 ]
 
@@ -70,7 +80,9 @@ def generation_flops(
 @dataclass(frozen=True)
 class VisionShape:
     """A ViT tower as the backbones run it: patch tokens (plus a CLS token) through the blocks up
-    to ``layer`` (Python-style index), the later ones pruned."""
+    to ``layer`` (Python-style index), the later ones pruned. SigLIP (SmolVLM, LLaVA-OneVision):
+    ``cls_token=False``, ``layer=-1``; ``final_norm``: the tokens after the tower's last norm
+    (SmolVLM's ``last_hidden_state``), free in this count like every norm, kept for the record."""
 
     image_size: int  # input size of one pass
     patch_size: int
@@ -79,6 +91,7 @@ class VisionShape:
     mlp_width: int
     layer: int = -2  # the block whose output is used (LLaVA: the penultimate)
     cls_token: bool = True
+    final_norm: bool = False
 
     @property
     def grid(self) -> int:
@@ -152,31 +165,133 @@ def _projector_flops_per_token(kind: str, in_dim: int, out_dim: int) -> int:
     return 2 * in_dim * out_dim + (int(match.group(1)) - 1) * 2 * out_dim * out_dim
 
 
+@dataclass(frozen=True)
+class ImageCost:
+    """One image's geometry as the cost model needs it: for each mode the tower passes, the sequence
+    positions the image takes, the tokens the projector runs on; the M high-res tokens beside the
+    sequence (xattn, flex). lr_only runs the low-res path, xattn and flex the low-res and the high-res
+    paths, hd its own (what the original model does). Build one with a constructor (``llava``,
+    ``smolvlm``, ``onevision``, ``from_layout``)."""
+
+    lr_passes: int  # tower passes of the low-res path (lr_only; xattn and flex add hr_passes)
+    hr_passes: int  # tower passes of the high-res path (xattn, flex)
+    hd_passes: int  # tower passes in hd
+    lr_sequence_tokens: int  # sequence positions of the image in lr_only, xattn, flex (image + special text tokens)
+    hd_sequence_tokens: int  # sequence positions of the image in hd
+    hr_tokens: int  # M: high-res tokens beside the sequence (xattn, flex)
+    lr_projected: int  # tokens the projector runs on for the low-res path
+    hr_projected: int  # ... for the high-res path (can exceed M: LLaVA-OneVision projects before unpadding)
+    hd_projected: int  # ... in hd
+    projector_in: int  # width of the projector's input tokens
+    projector: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu" (``_projector_flops_per_token``)
+
+    def passes(self, mode: str) -> int:
+        return {"lr_only": self.lr_passes, "hd": self.hd_passes}.get(mode, self.lr_passes + self.hr_passes)
+
+    def sequence_tokens(self, mode: str) -> int:
+        return self.hd_sequence_tokens if mode == "hd" else self.lr_sequence_tokens
+
+    def projected_tokens(self, mode: str) -> int:
+        return {"lr_only": self.lr_projected, "hd": self.hd_projected}.get(mode, self.lr_projected + self.hr_projected)
+
+    def projector_flops_per_token(self, out_dim: int) -> int:
+        return _projector_flops_per_token(self.projector, self.projector_in, out_dim)
+
+    @classmethod
+    def llava(cls, vision: VisionShape, zoom: int, projector: str = "mlp2x_gelu") -> ImageCost:
+        """LLaVA-1.5 (the high-res path "crops"): one low-res pass of g x g tokens, zoom^2 crop passes
+        stitched into M = (zoom g)^2 high-res tokens; hd puts the M tokens in the sequence; the
+        projector (C -> D) runs per token on what each mode uses."""
+        lr, hr = vision.grid**2, (zoom * vision.grid) ** 2
+        return cls(lr_passes=1, hr_passes=zoom * zoom, hd_passes=zoom * zoom, lr_sequence_tokens=lr,
+                   hd_sequence_tokens=hr, hr_tokens=hr, lr_projected=lr, hr_projected=hr, hd_projected=hr,
+                   projector_in=vision.width, projector=projector)
+
+    @classmethod
+    def smolvlm(cls, vision: VisionShape, rows: int, cols: int, scale_factor: int,
+                tile_tag_tokens: int = 1) -> ImageCost:
+        """SmolVLM / Idefics3: rows x cols tiles and one global view (rows = cols = 0: the image is its
+        own only view), each a pass of the whole SigLIP tower; the connector pixel-shuffles a view's
+        g^2 patches into t^2 = g^2 / s^2 tokens of width C s^2 and maps them to D with one Linear
+        (no bias). In the sequence (``image_prompt``): hd, per tile ``<fake_token_around_image>``,
+        ``<row_i_col_j>`` (``tile_tag_tokens`` tokens: 1 where the tokenizer has it as an added token)
+        and its t^2 tokens, a newline after each row of tiles, then a newline,
+        ``<fake_token_around_image><global-img>``, the global view's t^2 tokens and a closing
+        ``<fake_token_around_image>``; the other modes the global view's part alone (t^2 + 3). The
+        newlines are counted one token each (a BPE tokenizer may merge the last row's with the one
+        after it: one token fewer). M = rows cols t^2, the tiles' tokens."""
+        grid = vision.grid
+        if scale_factor < 1 or grid % scale_factor:
+            raise ValueError(f"scale_factor {scale_factor} must divide the tower's grid {grid}")
+        if (rows == 0) != (cols == 0) or rows < 0 or cols < 0:
+            raise ValueError(f"rows {rows} and cols {cols}: both positive, or both 0 (a single view)")
+        t2, tiles = (grid // scale_factor) ** 2, rows * cols
+        global_view = 3 + t2  # <fake><global-img> ... <fake>
+        hd_sequence = tiles * (1 + tile_tag_tokens + t2) + rows + 1 + global_view if tiles else global_view
+        return cls(lr_passes=1, hr_passes=tiles, hd_passes=tiles + 1, lr_sequence_tokens=global_view,
+                   hd_sequence_tokens=hd_sequence, hr_tokens=tiles * t2, lr_projected=t2, hr_projected=tiles * t2,
+                   hd_projected=(tiles + 1) * t2, projector_in=vision.width * scale_factor**2, projector="linear")
+
+    @classmethod
+    def onevision(cls, vision: VisionShape, grid_rows: int, grid_cols: int, feature_grid: tuple[int, int],
+                  projector: str = "mlp2x_gelu") -> ImageCost:
+        """LLaVA-OneVision: a base view and grid_rows x grid_cols anyres tiles, each a pass of the
+        SigLIP tower, g x g tokens a view. The projector runs on every view's tokens, the tiles'
+        before the grid is unpadded and shrunk (what transformers computes); ``feature_grid`` (h, w) is
+        the grid after both (``OneVisionLayout.feature_grid``). hd: the base view's g^2 tokens, then the
+        h x w grid tokens with a newline after each row (the learned ``image_newline``, no projector),
+        g^2 + h (w + 1); lr_only, xattn, flex: the base view's g^2 tokens and one newline, with
+        M = h w grid tokens beside the sequence."""
+        if grid_rows < 1 or grid_cols < 1:
+            raise ValueError(f"grid {grid_rows} x {grid_cols}: at least one tile")
+        g2, tiles, (h, w) = vision.grid**2, grid_rows * grid_cols, feature_grid
+        return cls(lr_passes=1, hr_passes=tiles, hd_passes=1 + tiles, lr_sequence_tokens=g2 + 1,
+                   hd_sequence_tokens=g2 + h * (w + 1), hr_tokens=h * w, lr_projected=g2, hr_projected=tiles * g2,
+                   hd_projected=(1 + tiles) * g2, projector_in=vision.width, projector=projector)
+
+    @classmethod
+    def from_layout(cls, vision: VisionShape, layout: Any, scale_factor: int | None = None, **options: Any
+                    ) -> ImageCost:
+        """The cost of an image as a preprocessing laid it out: a SmolVLM ``ImageLayout`` (with the
+        connector's ``scale_factor``) or a LLaVA-OneVision ``OneVisionLayout``; ``options`` go to the
+        constructor. The layout's views must be the tower's input."""
+        from flexvlm.architectures.llava_onevision.preprocess import OneVisionLayout
+        from flexvlm.architectures.smolvlm.preprocess import ImageLayout
+
+        if isinstance(layout, ImageLayout):
+            if scale_factor is None:
+                raise ValueError("a SmolVLM layout needs the connector's scale_factor")
+            if layout.tile_size // vision.patch_size != vision.grid:
+                raise ValueError(f"tiles of {layout.tile_size} px give another grid than the tower's {vision.grid}")
+            return cls.smolvlm(vision, layout.rows, layout.cols, scale_factor, **options)
+        if isinstance(layout, OneVisionLayout):
+            if layout.view_tokens != vision.grid:
+                raise ValueError(f"views of {layout.view_tokens} tokens a side, the tower's grid is {vision.grid}")
+            return cls.onevision(vision, *layout.grid, layout.feature_grid, **options)
+        raise TypeError(f"expected an ImageLayout or a OneVisionLayout, got {type(layout).__name__}")
+
+
 def generation_cost(
     mode: str,
     vision: VisionShape,
     decoder: DecoderShape,
-    zoom: int,
+    image: ImageCost,
     num_sa_layers: int,
     text_tokens: int,
     new_tokens: int,
     selected_per_row: int = 0,
     projected_hr_tokens: int = 0,
-    projector: str = "mlp2x_gelu",
 ) -> CostBreakdown:
-    """FLOPs per sample of a greedy generation of ``new_tokens`` tokens (no early stop) with the
-    high-res path "crops". ``text_tokens``: the prompt besides its image placeholder (the padded
-    length in a batch: padding rows cost the same). ``selected_per_row`` (K) and
-    ``projected_hr_tokens`` (P) are per FA layer and used by flex only."""
+    """FLOPs per sample of a greedy generation of ``new_tokens`` tokens (no early stop) of one image
+    of geometry ``image`` (``ImageCost``, built for this ``vision`` tower). ``text_tokens``: the prompt
+    besides the image's positions (the padded length in a batch: padding rows cost the same).
+    ``selected_per_row`` (K) and ``projected_hr_tokens`` (P) are per FA layer and used by flex only."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
     if mode == "flex" and num_sa_layers < 1:
         raise ValueError("flex needs num_sa_layers >= 1: one plain layer's map seeds the selection")
-    lr_tokens, hr_tokens = vision.grid**2, (zoom * vision.grid) ** 2
-    lr_passes = 0 if mode == "hd" else 1
-    hr_passes = 0 if mode == "lr_only" else zoom * zoom
-    projected = lr_passes * lr_tokens + (hr_tokens if hr_passes else 0)
-    n = text_tokens + (hr_tokens if mode == "hd" else lr_tokens)
+    hr_tokens = image.hr_tokens
+    n = text_tokens + image.sequence_tokens(mode)
     decode_steps = new_tokens - 1  # the prefill yields the first token
     decode_keys = range(n + 1, n + new_tokens)  # keys seen at each decode step
     d = decoder
@@ -196,8 +311,8 @@ def generation_cost(
         hr_kv_projection = hr_layers * projected_hr_tokens * hr_kv_per_token
 
     return CostBreakdown(
-        vision=(lr_passes + hr_passes) * vision.pass_flops(),
-        projector=projected * _projector_flops_per_token(projector, vision.width, d.hidden),
+        vision=image.passes(mode) * vision.pass_flops(),
+        projector=image.projected_tokens(mode) * image.projector_flops_per_token(d.hidden),
         decoder_linear=(n + decode_steps) * d.layers * d.linear_flops_per_token(),
         attention=d.layers * (d.attention_flops(n, n) + sum(d.attention_flops(1, keys) for keys in decode_keys)),
         lm_head=new_tokens * 2 * d.hidden * d.vocab,
@@ -227,10 +342,10 @@ def paper_scale_table(
     ``flex_all_projected`` is the upper bound P = M."""
 
     def cost(mode: str, zoom: int, shape: VisionShape = vision, num_sa: int = 0, projected_all: bool = False):
-        hr_tokens = (zoom * shape.grid) ** 2
-        k = round(selected_ratio * hr_tokens)
-        return generation_cost(mode, shape, decoder, zoom, num_sa, text_tokens, new_tokens, selected_per_row=k,
-                               projected_hr_tokens=hr_tokens if projected_all else k, projector=projector)
+        image = ImageCost.llava(shape, zoom, projector)
+        k = round(selected_ratio * image.hr_tokens)
+        return generation_cost(mode, shape, decoder, image, num_sa, text_tokens, new_tokens, selected_per_row=k,
+                               projected_hr_tokens=image.hr_tokens if projected_all else k)
 
     hd_shape = replace(vision, image_size=448)  # one 448 px pass with resampled positions: 32 x 32 tokens
     flex = cost("flex", 3, num_sa=num_sa_layers)
@@ -264,3 +379,178 @@ def paper_scale_table(
                         "selected_per_row": round(selected_ratio * (3 * vision.grid) ** 2),
                         "num_sa_layers": num_sa_layers},
     }
+
+
+# --- SmolVLM and LLaVA-OneVision at their published shapes -------------------------------------------
+#
+# SmolVLM-256M / 500M (HuggingFaceTB/SmolVLM-256M-Instruct, -500M-Instruct; Idefics3ForConditionalGeneration):
+# the model cards name google/siglip-base-patch16-512 and SmolLM2-135M / 360M-Instruct; config.json (as
+# copied in Mattimax/DATA-AI_Smol256M-Instruct and vidore/ColSmolVLM-Instruct-500M-base, and in the
+# test fixtures of several ports that mirror it): scale_factor 4, vision hidden 768, intermediate 3072,
+# 12 layers, image 512, patch 16; text 576 / 1536 / 30 layers / 9 heads / 3 kv heads (256M) and
+# 960 / 2560 / 15 heads / 5 kv heads (500M), vocab 49280; SmolLM2-360M's own config.json:
+# 32 layers. processor_config.json image_seq_len 64; preprocessor_config.json (SmolVLM-256M-Base, the
+# SmolVLM2-256M processors, transformers' SmolVLM docs: "4 * 512") max_image_size.longest_edge 512,
+# size.longest_edge 2048.
+SIGLIP_B16_512 = VisionShape(image_size=512, patch_size=16, width=768, depth=12, mlp_width=3072, layer=-1,
+                             cls_token=False, final_norm=True)
+SMOLLM2_135M = DecoderShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49280)
+SMOLLM2_360M = DecoderShape(hidden=960, intermediate=2560, layers=32, heads=15, kv_heads=5, vocab=49280)
+# SmolVLM-2.2B (HuggingFaceTB/SmolVLM-Instruct; Idefics3): config.json (its copies in
+# chflame163/ComfyUI_LayerStyle and frontrx/ECGv3, SmolVLM-Base): scale_factor 3, image_seq_len 81, vision
+# (SigLIP so400m patch14 384) hidden 1152, intermediate 4304, 27 layers, image 384, patch 14; text
+# (SmolLM2-1.7B) 2048 / 8192 / 24 layers / 32 heads / 32 kv heads (head_dim 64), vocab 49155;
+# preprocessor_config.json max_image_size.longest_edge 384, size.longest_edge 1536.
+SIGLIP_SO400M_384_27 = VisionShape(image_size=384, patch_size=14, width=1152, depth=27, mlp_width=4304, layer=-1,
+                                   cls_token=False, final_norm=True)
+SMOLLM2_1_7B = DecoderShape(hidden=2048, intermediate=8192, layers=24, heads=32, kv_heads=32, vocab=49155)
+# LLaVA-OneVision 0.5B / 7B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf, -7b-ov-hf): transformers'
+# convert_llava_onevision_weights_to_hf.py builds vision_config = SiglipVisionConfig(hidden 1152, image 384,
+# intermediate 4304, 16 heads, 26 layers ("drop the last layer"), patch 14, vision_use_head False),
+# vision_feature_layer -1 (all 26 blocks run), a 2-layer GELU projector, the text config of
+# Qwen/Qwen2-0.5B-Instruct / Qwen2-7B-Instruct (896 / 4864 / 24 layers / 14 heads / 2 kv heads;
+# 3584 / 18944 / 28 / 28 / 4), the vocab resized to vocab + 2 padded to a multiple of 64: 151936 -> 152000,
+# 152064 -> 152128 (the 7B value as published; 152000 is also llava-hf/llava-interleave-qwen-0.5b-hf's).
+# image_grid_pinpoints (the -7b-ov-hf config.json, e.g. its copy mgoin/llava-onevision-qwen2-7b-ov-hf-bnb-
+# full-4bit): every (384 i, 384 j), i, j in 1..6; vision_aspect_ratio anyres_max_9 (the processor's default).
+SIGLIP_SO400M_384_26 = VisionShape(image_size=384, patch_size=14, width=1152, depth=26, mlp_width=4304, layer=-1,
+                                   cls_token=False)
+QWEN2_0_5B = DecoderShape(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=152000)
+QWEN2_7B = DecoderShape(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152128)
+ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
+
+
+@dataclass(frozen=True)
+class ArchitectureShape:
+    """A released VLM's shapes for ``architecture_scale_table``; ``family`` "smolvlm" or "onevision"."""
+
+    name: str
+    checkpoint: str
+    family: str
+    vision: VisionShape
+    decoder: DecoderShape
+    scale_factor: int = 0  # SmolVLM: the connector's pixel shuffle
+    longest_edge: int = 0  # SmolVLM: the processor's size.longest_edge (its tiles: max_image_size = vision.image_size)
+    pinpoints: tuple[tuple[int, int], ...] = ()  # LLaVA-OneVision: image_grid_pinpoints
+    max_views: int = 9  # LLaVA-OneVision: anyres_max_N
+
+    def image(self, image_size: tuple[int, int], longest_edge: int | None = None) -> tuple[ImageCost, str]:
+        """The ``ImageCost`` of an image of (height, width) as the architecture's preprocessing lays it
+        out (SmolVLM: at ``longest_edge``, by default the processor's), and its layout in words."""
+        if self.family == "smolvlm":
+            from flexvlm.architectures.smolvlm.preprocess import _fit_longest_edge, _round_up_to_tiles
+
+            tile = self.vision.image_size
+            resized = _fit_longest_edge(*image_size, longest_edge or self.longest_edge)
+            height, width = _round_up_to_tiles(*resized, tile)
+            rows, cols = (height // tile, width // tile) if (height, width) != (tile, tile) else (0, 0)
+            return (ImageCost.smolvlm(self.vision, rows, cols, self.scale_factor),
+                    f"{rows} x {cols} tiles + global view" if rows else "one view")
+        from flexvlm.architectures.llava_onevision.preprocess import OneVisionProcessing, image_layout
+
+        settings = OneVisionProcessing(tile_size=self.vision.image_size, patch_size=self.vision.patch_size,
+                                       pinpoints=self.pinpoints, max_views=self.max_views,
+                                       image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+        layout = image_layout(image_size, settings)
+        shrunk = layout.feature_grid != layout.unpadded_grid
+        words = (f"base + {layout.grid[0]} x {layout.grid[1]} tiles, grid "
+                 + (f"{layout.unpadded_grid[0]} x {layout.unpadded_grid[1]} shrunk to " if shrunk else "")
+                 + f"{layout.feature_grid[0]} x {layout.feature_grid[1]}")
+        return ImageCost.from_layout(self.vision, layout), words
+
+
+ARCHITECTURES: tuple[ArchitectureShape, ...] = (
+    ArchitectureShape("SmolVLM-256M", "HuggingFaceTB/SmolVLM-256M-Instruct", "smolvlm", SIGLIP_B16_512,
+                      SMOLLM2_135M, scale_factor=4, longest_edge=2048),
+    ArchitectureShape("SmolVLM-500M", "HuggingFaceTB/SmolVLM-500M-Instruct", "smolvlm", SIGLIP_B16_512,
+                      SMOLLM2_360M, scale_factor=4, longest_edge=2048),
+    ArchitectureShape("SmolVLM-2.2B", "HuggingFaceTB/SmolVLM-Instruct", "smolvlm", SIGLIP_SO400M_384_27,
+                      SMOLLM2_1_7B, scale_factor=3, longest_edge=1536),
+    ArchitectureShape("LLaVA-OV-0.5B", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "onevision",
+                      SIGLIP_SO400M_384_26, QWEN2_0_5B, pinpoints=ONEVISION_PINPOINTS, max_views=9),
+    ArchitectureShape("LLaVA-OV-7B", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "onevision",
+                      SIGLIP_SO400M_384_26, QWEN2_7B, pinpoints=ONEVISION_PINPOINTS, max_views=9),
+)
+
+# (image (height, width), SmolVLM longest_edge in tiles or None for the processor's): SmolVLM resizes every
+# image to its longest_edge, so a square image gives 4 x 4 tiles at the default and 2 x 2 at 2 tiles;
+# LLaVA-OneVision picks its tiles by the image's size: 2 x 2 at 768 px, 3 x 3 at 1 MP, 6 x 6 at 4 MP,
+# whose 162 x 162 grid anyres_max_9 shrinks to 81 x 81
+SMOLVLM_IMAGES = (((1024, 1024), 2), ((1024, 1024), None))
+ONEVISION_IMAGES = ((768, 768), (1024, 1024), (2048, 2048))
+
+
+def architecture_scale_table(
+    text_tokens: int = 80,
+    new_tokens: int = 63,
+    selected_ratio: float = 0.1,
+    sa_fraction: float = 9 / 32,
+    architectures: tuple[ArchitectureShape, ...] = ARCHITECTURES,
+) -> dict[str, Any]:
+    """TFLOPs per sample of lr_only, hd (= the original model), xattn and flex for each architecture
+    at the images of ``SMOLVLM_IMAGES`` / ``ONEVISION_IMAGES``, with the same prompt and answer lengths
+    as ``paper_scale_table``. Flex: N_SA = round(sa_fraction L) (the release's 9 of 32), K =
+    round(selected_ratio M) per FA layer per step, a selection that stays put (P = K); xattn: N_SA 0.
+
+    Not found in the published files and so assumed: how many tokens SmolVLM's tokenizer makes of
+    ``<row_i_col_j>`` (counted 1: SmolVLM-256M / 500M list them as added tokens; SmolVLM-Instruct's
+    added_tokens.json does not, so its hd sequence is a few tokens per tile longer than counted here)
+    and whether it merges the two newlines after the last row of tiles (counted 2); the 0.5B OneVision
+    vocabulary (152000, derived from the conversion script's resize rule)."""
+    tera = 1e12
+    models = {}
+    for arch in architectures:
+        num_sa = round(sa_fraction * arch.decoder.layers)
+        if arch.family == "smolvlm":
+            images = [(size, tiles and tiles * arch.vision.image_size) for size, tiles in SMOLVLM_IMAGES]
+        else:
+            images = [(size, None) for size in ONEVISION_IMAGES]
+        rows = []
+        for size, longest_edge in images:
+            image, layout = arch.image(size, longest_edge)
+            k = round(selected_ratio * image.hr_tokens)
+            costs = {mode: generation_cost(mode, arch.vision, arch.decoder, image, num_sa if mode == "flex" else 0,
+                                           text_tokens, new_tokens, selected_per_row=k, projected_hr_tokens=k)
+                     for mode in MODES}
+            flex, hd, xattn = costs["flex"], costs["hd"], costs["xattn"]
+            rows.append({
+                "image": f"{size[0]} x {size[1]}" + (f", longest_edge {longest_edge}" if longest_edge else ""),
+                "layout": layout,
+                "tower_passes": {mode: image.passes(mode) for mode in ("lr_only", "hd", "flex")},
+                "sequence_tokens": {"hd": image.hd_sequence_tokens, "flex": image.lr_sequence_tokens},
+                "hr_tokens": image.hr_tokens,
+                "selected_per_row": k,
+                "tflops": {mode: c.total / tera for mode, c in costs.items()},
+                "vision_tflops": flex.vision / tera,
+                "flex/hd": flex.total / hd.total,
+                "flex/xattn": flex.total / xattn.total,
+                "flex/hd_without_vision": (flex.total - flex.vision) / (hd.total - hd.vision),
+            })
+        models[arch.name] = {"checkpoint": arch.checkpoint, "layers": arch.decoder.layers, "num_sa_layers": num_sa,
+                             "rows": rows}
+    return {"models": models,
+            "assumptions": {"text_tokens": text_tokens, "new_tokens": new_tokens, "selected_ratio": selected_ratio,
+                            "sa_fraction": sa_fraction}}
+
+
+def format_architecture_table(table: dict[str, Any]) -> str:
+    """``architecture_scale_table``'s result as a markdown table."""
+    lines = ["| model (N_SA / L) | image | layout | tower passes hd / flex | image tokens in the sequence hd / flex "
+             "| high-res M (K) | TFLOPs lr_only | hd | xattn | flex | of which vision | flex / hd | flex / xattn "
+             "| flex / hd without vision |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, model in table["models"].items():
+        for row in model["rows"]:
+            t = row["tflops"]
+            lines.append(
+                f"| {name} ({model['num_sa_layers']} / {model['layers']}) | {row['image']} | {row['layout']} "
+                f"| {row['tower_passes']['hd']} / {row['tower_passes']['flex']} "
+                f"| {row['sequence_tokens']['hd']:,} / {row['sequence_tokens']['flex']:,} "
+                f"| {row['hr_tokens']:,} ({row['selected_per_row']:,}) | {t['lr_only']:.2f} | {t['hd']:.2f} "
+                f"| {t['xattn']:.2f} | {t['flex']:.2f} | {row['vision_tflops']:.2f} | {row['flex/hd']:.3f} "
+                f"| {row['flex/xattn']:.3f} | {row['flex/hd_without_vision']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m flexvlm.flops
+    print(format_architecture_table(architecture_scale_table()))

@@ -46,12 +46,12 @@ def load_run_weights(model: nn.Module, aux_objective: nn.Module | None, path: st
 def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
     """What ``model`` takes in text ids: its vocabulary, and its positions less the image's tokens
     (which replace one placeholder id), less ``max_new_tokens`` for a generation prompt."""
-    grid = model.encoder.hr_grid if model.mode == "hd" else model.encoder.lr_grid
+    image_tokens = model.encoder.placeholder_tokens(model.mode)
     positions = model.config.max_position_embeddings
-    max_length = positions - grid * grid + 1
+    max_length = positions - image_tokens + 1
     if max_length - max_new_tokens < 2:
         raise ValueError(f"the model's {positions} positions (max_position_embeddings) hold no prompt: the image "
-                         f"takes {grid * grid} and the answer {max_new_tokens} (model.max_new_tokens)")
+                         f"takes {image_tokens} and the answer {max_new_tokens} (model.max_new_tokens)")
     return SequenceLimits(model.config.vocab_size, max_length, max_length - max_new_tokens)
 
 
@@ -178,9 +178,9 @@ class FlexVLMModule(L.LightningModule):
                           labels=batch["labels"], alpha=alpha, map_grad=map_grad)
 
     def _aux_loss(self, out: VLMOutput, batch: dict[str, Any]) -> Tensor:
-        encoder = self.model.encoder
-        lr = out.lr_features if out.lr_features is not None else encoder.encode_low_res(batch["images"])
-        hr = out.hr_features if out.hr_features is not None else encoder.encode_high_res(batch["images"])
+        lr, hr = out.lr_features, out.hr_features
+        if lr is None or hr is None:  # a mode that encodes one path only
+            lr, hr = self.model.encoder.grid_features(batch["images"])
         return self.aux_objective(lr, hr, batch, out.selection_maps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
@@ -266,10 +266,11 @@ class FlexVLMModule(L.LightningModule):
         protocol = getattr(datamodule, "protocol", None)
         if protocol is not None:
             self.protocol = protocol  # a submodule from here on, so the strategy moves its metric
+        processor = self.model.encoder.image_processor(self.model.mode)
         if hasattr(datamodule, "fit_to_model"):
-            datamodule.fit_to_model(sequence_limits(self.model, self.hparams.max_new_tokens))
+            datamodule.fit_to_model(sequence_limits(self.model, self.hparams.max_new_tokens), processor)
         size = getattr(datamodule, "hparams", {}).get("image_size")
-        if size is not None and size != self.model.image_size:  # linked where the config allows (flexvlm.cli)
+        if processor is None and size is not None and size != self.model.image_size:  # linked where the config allows (flexvlm.cli)
             raise ValueError(f"the data's images are {size} px (data.init_args.image_size), the model takes "
                              f"{self.model.image_size} (its zoom x its backbone's side): set data.init_args.image_size "
                              f"to {self.model.image_size}")

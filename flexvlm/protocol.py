@@ -312,10 +312,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="folder for runs.csv / results.md (default: <save_dir>)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds")
     parser.add_argument("--save_dir", help="override the protocol's run folder")
+    parser.add_argument("--studies", nargs="+", help="run only these studies (e.g. one process a study on a "
+                                                     "machine with a core each; a later run of all reuses their runs)")
     args = parser.parse_args(argv)
     protocol = Protocol.load(args.protocol)
     if args.seeds:
         protocol.seeds = args.seeds
+    if args.studies:
+        unknown = sorted(set(args.studies) - {s.name for s in protocol.studies})
+        if unknown:
+            raise SystemExit(f"{args.protocol} has no studies {unknown}; it has {[s.name for s in protocol.studies]}")
+        protocol.studies = [s for s in protocol.studies if s.name in args.studies]
     if args.save_dir:
         protocol.save_dir = args.save_dir
     return Runner(protocol, Path(args.out or protocol.save_dir)).run()

@@ -134,6 +134,17 @@ def read_config(path: str | Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+def read_model_config(folder: str | Path) -> dict:
+    """A model folder's config.json, which its model is built from: a missing folder or file is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    config = read_config(folder)
+    if not config:
+        raise FileNotFoundError(f"no config.json in {folder}: the model is built from it")
+    return config
+
+
 def take_parts(state: StateDict, prefixes: dict[str, tuple[str, str]], source: str) -> dict[str, StateDict]:
     """Split `state` into parts by name prefix: `{checkpoint prefix: (part, new prefix)}`, longest
     prefix first. A tensor that no prefix claims is an error."""

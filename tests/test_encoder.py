@@ -77,7 +77,7 @@ def test_low_res_is_backbone_of_the_antialiased_resize():
     images = torch.randn(2, 3, 48, 48)
     expected = backbone(resize(images, [16, 16], antialias=True))  # torchvision: bilinear by default
     torch.testing.assert_close(encoder.encode_low_res(images), expected)
-    lr, hr = encoder(images)
+    lr, hr = encoder.grid_features(images)
     assert lr.shape == (2, 16, 8) and hr.shape == (2, 144, 8)
 
 

@@ -7,8 +7,9 @@ import torch
 
 from flexvlm.models.decoder import KVCache, apply_rope, build_attention_inputs
 from flexvlm.models.flex_attention import (
-    FLEX_IMPLS, FlexAttention, HighResState, SelectingRows, Selection, flex_attention, interpolate_rope,
+    FLEX_IMPLS, FlexAttention, HighResState, SelectingRows, Selection, flex_attention,
 )
+from flexvlm.models.geometry import interpolate_rope, square_layout
 from flexvlm.models.gemma import GemmaConfig
 from flexvlm.models.llm import Attention, LlamaConfig
 from flexvlm.models.qwen2 import Qwen2Config
@@ -48,9 +49,12 @@ class GivenSelection(SelectionStrategy):
 def _state(b, features, hr_cos, hr_sin, mask, alpha=1.0, kv_mode="lazy"):
     return HighResState(
         features, hr_cos, hr_sin, lr_index=torch.zeros(b, G_LR * G_LR, dtype=torch.long),
-        lr_valid=torch.ones(b, G_LR, G_LR, dtype=torch.bool), hr_valid=torch.ones(b, G_HR, G_HR, dtype=torch.bool),
-        strategy=GivenSelection(mask.view(*mask.shape[:2], G_HR, G_HR)), alpha=alpha, kv_mode=kv_mode,
+        layout=_layout(b), strategy=GivenSelection(mask.view(*mask.shape[:2], G_HR, G_HR)), alpha=alpha, kv_mode=kv_mode,
     )
+
+
+def _layout(b, lr=G_LR, hr=G_HR):
+    return square_layout(torch.ones(b, lr, lr, dtype=torch.bool), torch.ones(b, hr, hr, dtype=torch.bool))
 
 
 def naive_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha):
@@ -243,11 +247,11 @@ def test_wraps_the_family_attention_under_its_names():
 
 def test_interpolated_rope_keeps_corners_and_shape():
     cos, sin = _rope(torch.arange(4).expand(1, 4) + 3)
-    hr_cos, hr_sin = interpolate_rope(cos, sin, 2, 4)
+    hr_cos, hr_sin = interpolate_rope(cos, sin, (2, 2), (4, 4))
     assert hr_cos.shape == (1, 16, CONFIG.head_dim)
     # bicubic interpolation of a constant map stays constant
     c = torch.ones(1, 4, 8)
-    assert torch.allclose(interpolate_rope(c, c, 2, 6)[0], torch.ones(1, 36, 8), atol=1e-5)
+    assert torch.allclose(interpolate_rope(c, c, (2, 2), (6, 6))[0], torch.ones(1, 36, 8), atol=1e-5)
 
 
 def test_selecting_rows_from_mask():
@@ -265,8 +269,8 @@ def test_high_res_projections_computed_once_per_layer_and_token():
     _, flex = _layer()
     b, m = 1, G_HR * G_HR
     features = torch.randn(b, m, CONFIG.hidden_size)
-    state = HighResState(features, *_rope(torch.zeros(b, m)), torch.zeros(b, 4, dtype=torch.long),
-                         torch.ones(b, 2, 2, dtype=torch.bool), torch.ones(b, 4, 4, dtype=torch.bool), AllSelection())
+    state = HighResState(features, *_rope(torch.zeros(b, m)), torch.zeros(b, 4, dtype=torch.long), _layout(b),
+                         AllSelection())
     calls = []
     flex.k_hr_proj.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
 
@@ -287,9 +291,8 @@ def test_prefill_mode_projects_every_token_once():
     _, flex = _layer()
     b, m = 2, G_HR * G_HR
     features = torch.randn(b, m, CONFIG.hidden_size)
-    state = HighResState(features, *_rope(torch.zeros(b, m)), torch.zeros(b, 4, dtype=torch.long),
-                         torch.ones(b, 2, 2, dtype=torch.bool), torch.ones(b, 4, 4, dtype=torch.bool), AllSelection(),
-                         kv_mode="prefill")
+    state = HighResState(features, *_rope(torch.zeros(b, m)), torch.zeros(b, 4, dtype=torch.long), _layout(b),
+                         AllSelection(), kv_mode="prefill")
     calls = []
     flex.k_hr_proj.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
     t = torch.tensor([[1, 2], [0, 5]])

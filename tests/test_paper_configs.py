@@ -1,6 +1,7 @@
 """Every YAML under configs/ and experiments/ parses, stacked as it is run; every paper YAML's model
 builds on the meta device (no weights read, no memory), with the parameter count of the published
-models it is made of, computed here independently of flexvlm's modules."""
+models it is made of, computed here independently of flexvlm's modules (the other architectures' YAMLs:
+from their config.json shapes, and compared with transformers' own model of the same config.json)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,19 @@ SYNTHETIC = ROOT / "configs" / "synthetic.yaml"
 PAPER = ROOT / "experiments" / "paper"
 RELEASE_TRAINING = PAPER / "llava-1.5-7b-flexattn.yaml"
 RELEASED = PAPER / "llava-1.5-7b-flexattn-released.yaml"
+# the release's recipe on other architectures: each YAML's model from a published checkpoint's config.json
+# (no weights) in experiments/paper/architectures/<hub name>/
+ARCHITECTURE_FOLDERS = PAPER / "architectures"
+ON_OTHER_ARCHITECTURES = {
+    "smolvlm-256m-flexattn": "SmolVLM-256M-Instruct",
+    "smolvlm-500m-flexattn": "SmolVLM-500M-Instruct",
+    "smolvlm-2.2b-flexattn": "SmolVLM-Instruct",
+    "llava-onevision-0.5b-flexattn": "llava-onevision-qwen2-0.5b-ov-hf",
+    "llava-onevision-7b-flexattn": "llava-onevision-qwen2-7b-ov-hf",
+}
 # not LightningCLI configs: lmms-eval task files (with `!function` tags) and the protocol runner's files
 NOT_CLI = [ROOT / "configs" / "lmms_eval", *(ROOT / "experiments" / "synthetic" / "protocol" / f"{name}.yaml"
-                                            for name in ("protocol", "axes"))]
+                                            for name in ("protocol", "axes", "architectures"))]
 
 
 def cli_stack(path: Path) -> tuple[str, list[Path]]:
@@ -42,6 +53,8 @@ def cli_stack(path: Path) -> tuple[str, list[Path]]:
         return "fit", [RELEASE_TRAINING, path]
     if path == RELEASED:
         return "test", [path]
+    if path.parent == PAPER and path.stem in ON_OTHER_ARCHITECTURES:  # on their own, as their headers say
+        return "fit", [path]
     if path in (SYNTHETIC, RELEASE_TRAINING):
         return "fit", [path]
     raise AssertionError(f"{relative}: no rule says what this YAML stacks on; add one to cli_stack")
@@ -124,6 +137,119 @@ EXPECTED = {
 }
 
 
+# -- the other architectures: counts from their config.json shapes alone ----------------------------------
+def architecture_config(stem: str) -> dict:
+    return json.loads((ARCHITECTURE_FOLDERS / ON_OTHER_ARCHITECTURES[stem] / "config.json").read_text())
+
+
+def nsa_of(text: dict) -> int:
+    """The release's proportion of plain layers: 9 of 32."""
+    return round(9 / 32 * text["num_hidden_layers"])
+
+
+def kv_width(text: dict) -> int:
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return text["num_key_value_heads"] * head_dim
+
+
+def qkv_bias(text: dict) -> bool:
+    return text["model_type"] == "qwen2"  # Qwen2's q, k, v projections have biases, LLaMA's none
+
+
+def decoder_params(text: dict, tied_head: bool) -> int:
+    """Embeddings, L pre-norm decoder layers (attention, SwiGLU MLP, two RMSNorms), the final norm, and an
+    lm_head of its own unless tied."""
+    width, mlp, kv = text["hidden_size"], text["intermediate_size"], kv_width(text)
+    q = text["num_attention_heads"] * (text.get("head_dim") or width // text["num_attention_heads"])
+    attention = width * q + 2 * width * kv + q * width + ((q + 2 * kv) if qkv_bias(text) else 0)
+    layer = attention + 3 * width * mlp + 2 * width
+    return text["vocab_size"] * width * (1 if tied_head else 2) + text["num_hidden_layers"] * layer + width
+
+
+def siglip_params(vision: dict, post_layernorm: bool) -> int:
+    """A SigLIP vision tower: patch embedding (a biased convolution), one position per patch, every block,
+    post_layernorm if kept; no pooling head."""
+    width, patch = vision["hidden_size"], vision["patch_size"]
+    embeddings = 3 * patch * patch * width + width + (vision["image_size"] // patch) ** 2 * width
+    blocks = vision["num_hidden_layers"] * vit_block(width, vision["intermediate_size"])
+    return embeddings + blocks + (2 * width if post_layernorm else 0)
+
+
+def high_res_copies_params(text: dict) -> int:
+    """W_K', W_V' (a copy of the layer's W_K, W_V, biases included) in each FlexAttention layer."""
+    kv = kv_width(text)
+    per_layer = 2 * (text["hidden_size"] * kv + (kv if qkv_bias(text) else 0))
+    return (text["num_hidden_layers"] - nsa_of(text)) * per_layer
+
+
+def tied(config: dict) -> bool:
+    """The model's tie_word_embeddings, or its text config's (transformers 5 takes that one when the top
+    level leaves it unset, as LLaVA-OneVision's config.json does)."""
+    return bool(config.get("tie_word_embeddings") or config["text_config"].get("tie_word_embeddings"))
+
+
+def architecture_params(config: dict, flexattn: bool = True) -> int:
+    """The parameters of the model flexvlm builds of a config.json: SmolVLM / Idefics3 keeps its tower's
+    every block and post_layernorm (last_hidden_state) and its connector's linear map; LLaVA-OneVision
+    reads vision_feature_layer -1 (every block, before post_layernorm) and adds its 2-layer projector and
+    image_newline. ``flexattn``: with the YAMLs' W_K', W_V' copies."""
+    text, vision = config["text_config"], config["vision_config"]
+    width = text["hidden_size"]
+    if config["model_type"] == "llava_onevision":
+        assert config["vision_feature_layer"] == -1 and not vision["vision_use_head"]
+        visual = siglip_params(vision, post_layernorm=False)
+        visual += vision["hidden_size"] * width + width + width * width + width + width  # projector, image_newline
+    else:
+        visual = siglip_params(vision, post_layernorm=True)
+        visual += vision["hidden_size"] * config["scale_factor"] ** 2 * width  # the connector, no bias
+    return visual + decoder_params(text, tied(config)) + (high_res_copies_params(text) if flexattn else 0)
+
+
+EXPECTED.update({stem: architecture_params(architecture_config(stem)) for stem in ON_OTHER_ARCHITECTURES})
+# the published sizes of these checkpoints, to the precision published (the hub pages' rounded counts;
+# experiments/paper/architectures/README.md)
+PUBLISHED_SIZES = {
+    "smolvlm-256m-flexattn": (256_000_000, 1e6),  # SmolVLM-256M: 256 M
+    "smolvlm-500m-flexattn": (507_000_000, 1e6),  # SmolVLM-500M: 507 M
+    "smolvlm-2.2b-flexattn": (2_250_000_000, 1e7),  # SmolVLM-Instruct: 2.25 B
+    "llava-onevision-0.5b-flexattn": (894_000_000, 1e6),  # llava-onevision-qwen2-0.5b-ov-hf: 894 M
+    "llava-onevision-7b-flexattn": (8_030_000_000, 1e7),  # llava-onevision-qwen2-7b-ov-hf: 8.03 B
+}
+
+
+@pytest.mark.parametrize("stem", ON_OTHER_ARCHITECTURES)
+def test_each_architecture_config_builds_the_published_model_in_transformers(stem):
+    """transformers builds each config.json (on the meta device) with the published checkpoint's size, and
+    with the count above once the parts flexvlm leaves out are taken off and W_K', W_V' added."""
+    transformers = pytest.importorskip("transformers")
+    folder = ARCHITECTURE_FOLDERS / ON_OTHER_ARCHITECTURES[stem]
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    published, precision = PUBLISHED_SIZES[stem]
+    assert round(total / precision) == round(published / precision)
+    # what flexvlm's tower does not keep: OneVision's post_layernorm, which layer -1 reads before
+    dropped = sum(p.numel() for name, p in params.items() if "vision_tower.post_layernorm." in name)
+    assert dropped == (2 * config.vision_config.hidden_size if config.model_type == "llava_onevision" else 0)
+    raw = architecture_config(stem)
+    assert total - dropped == architecture_params(raw, flexattn=False)
+    assert total - dropped + high_res_copies_params(raw["text_config"]) == EXPECTED[stem]
+
+
+@pytest.mark.parametrize("stem", ON_OTHER_ARCHITECTURES)
+def test_each_architecture_yaml_keeps_the_release_proportion(stem, resolved):
+    """N_SA = round(9/32 x L), the release's selection rule (threshold 48), the config.json folder of its
+    architecture (the weights are a download of the same hub checkpoint)."""
+    config = architecture_config(stem)
+    init = resolved(PAPER / f"{stem}.yaml")["model"]["model"]["init_args"]
+    assert Path(init["checkpoint"]) == (ARCHITECTURE_FOLDERS / ON_OTHER_ARCHITECTURES[stem]).relative_to(ROOT)
+    assert init["mode"] == "flex" and init["num_sa_layers"] == nsa_of(config["text_config"])
+    assert init["selection"]["class_path"] == "flexvlm.selection.AttentionSelection"
+    assert init["selection"]["init_args"]["threshold"] == 48
+
+
 def test_the_expected_counts_agree_with_the_published_sizes():
     """Without W_K', W_V' and with its whole tower, the 7B count is LLaVA-1.5-7B's 7.06 B; the SigLIP
     subtraction leaves what its 27 blocks, patch and position embeddings hold."""
@@ -160,6 +286,9 @@ def _without_weights(model: dict, released_folder: Path) -> dict:
     released model from the config.json files alone."""
     init = model["init_args"]
     if "checkpoint" in init:  # PretrainedFlexVLM: its weights load once materialised (FlexVLM.load_weights)
+        checkpoint = ROOT / init["checkpoint"]
+        if ARCHITECTURE_FOLDERS in checkpoint.parents:  # a published config.json alone, no weights in it
+            return {**model, "init_args": {**init, "checkpoint": str(checkpoint)}}
         return {**model, "init_args": {**init, "checkpoint": str(released_folder), "vision": None}}
     backbone = init["backbone"]
     if "checkpoint_path" in backbone["init_args"]:

@@ -27,6 +27,18 @@ def test_the_shipped_protocols_name_existing_configs():
     sizes = {Path(f).stem for s in axes.studies for f in s.files if "/sizes/" in f}
     assert towers == {p.stem for p in (SYNTHETIC / "towers").glob("*.yaml")} and len(towers) >= 5
     assert sizes == {p.stem for p in (SYNTHETIC / "sizes").glob("*.yaml")} and len(sizes) >= 3
+    architectures = Protocol.load(SYNTHETIC / "protocol" / "architectures.yaml")
+    assert {Path(f).stem for s in architectures.studies for f in s.files if "/architectures/" in f} == {
+        p.stem for p in (SYNTHETIC / "architectures").glob("*.yaml")}
+
+
+def test_only_the_studies_asked_for_run(monkeypatch):
+    ran = []
+    monkeypatch.setattr(protocol_module.Runner, "run", lambda self: ran.append([s.name for s in self.protocol.studies]))
+    protocol_module.main([str(SYNTHETIC / "protocol" / "architectures.yaml"), "--studies", "llava_onevision"])
+    assert ran == [["llava_onevision"]]
+    with pytest.raises(SystemExit, match=r"no studies \['llava'\]; it has \['smolvlm', 'llava_onevision'\]"):
+        protocol_module.main([str(SYNTHETIC / "protocol" / "architectures.yaml"), "--studies", "llava"])
 
 
 def test_protocol_errors_name_the_problem(tmp_path):

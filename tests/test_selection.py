@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from flexvlm.models.geometry import square_layout
 from flexvlm.registry import Registry
 from flexvlm.selection import (
     SELECTION, AllSelection, AttentionSelection, CenterSelection, NoSelection, RandomSelection, SelectionContext,
@@ -17,7 +18,7 @@ from flexvlm.selection import (
 
 def _ctx(b=2, g=4, zoom=3, box=None, layer=1):
     box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * b) if box is None else box
-    return SelectionContext(g, g * zoom, valid_grid(box, g), valid_grid(box, g * zoom), layer)
+    return SelectionContext(square_layout(valid_grid(box, g), valid_grid(box, g * zoom)), layer)
 
 
 def naive_release_rule(attn_map, lr_valid, threshold, blocks, hr_grid):

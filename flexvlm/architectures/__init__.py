@@ -1,8 +1,8 @@
 """VLM architectures, one package each, and the registry that builds a FlexVLM from a checkpoint
 folder of any of them (``from_pretrained``). A package holds what its architecture needs: its
 config.json read as FlexVLM's arguments, its weight layouts, its preprocessing. The architecture of a
-folder is told from its config.json, never from its name. So far LLaVA-1.5 builds; SmolVLM / Idefics3
-and LLaVA-OneVision have their preprocessing (``smolvlm``, ``llava_onevision``)."""
+folder is told from its config.json, never from its name. LLaVA-1.5 and SmolVLM / Idefics3 build;
+LLaVA-OneVision has its preprocessing (``llava_onevision``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from flexvlm.architectures import llava15
+from flexvlm.architectures import llava15, llava_onevision, smolvlm
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.selection import SelectionStrategy
-from flexvlm.weights import read_config
+from flexvlm.weights import read_model_config
 
 __all__ = ["ARCHITECTURES", "Architecture", "PretrainedFlexVLM", "architecture_of", "from_pretrained"]
 
@@ -29,17 +29,14 @@ class Architecture:
 # the registry: a new architecture is its package and a line here
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llava-1.5", llava15.recognises, llava15.arguments_from_llava),
+    Architecture("smolvlm", smolvlm.recognises, smolvlm.arguments),
+    Architecture("llava-onevision", llava_onevision.recognises, llava_onevision.arguments),
 )
 
 
 def architecture_of(folder: str | Path) -> Architecture:
     """The architecture of a checkpoint folder, read from its config.json."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    config = read_config(folder)
-    if not config:
-        raise FileNotFoundError(f"no config.json in {folder}: the model is built from it")
+    config = read_model_config(folder)
     found = next((a for a in ARCHITECTURES if a.recognises(config)), None)
     if found is None:
         raise ValueError(f"{folder}: config.json (model_type {config.get('model_type')!r}, architectures "

@@ -3,26 +3,31 @@ scores it (``flexvlm.evaluation``)."""
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from flexvlm.data.benchmarks import BenchmarkDataset, BenchmarkReader
 from flexvlm.data.datamodule import _VQADataModule
-from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS, load_image, preprocess_image
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS, load_image
 from flexvlm.data.llava import Triple
 from flexvlm.data.problems import BadSamplePolicy, Problem
 from flexvlm.data.templates import ChatTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import load_tokenizer
+from flexvlm.data.visuals import ImageProcessor, SquareImages
 from flexvlm.evaluation import EvaluationProtocol
 
 
+def load_processed(path: str, processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+    """An image file as the collator wants it: its entries as ``processor`` makes them."""
+    return processor.process(load_image(path, max_pixels))
+
+
 def load_preprocessed(path: str, size: int, mean: Triple, std: Triple,
-                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Tensor]:
-    """An image file as the collator wants it: ``image`` (3, size, size) and ``content_box``."""
-    image, content_box = preprocess_image(load_image(path, max_pixels), size, mean, std)
-    return {"image": image, "content_box": content_box}
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
+    """An image file as LLaVA-1.5 takes it: ``image`` (3, size, size) and ``content_box``."""
+    return load_processed(path, SquareImages(size, mean, std), max_pixels)
 
 
 class BenchmarkDataModule(_VQADataModule):
@@ -77,7 +82,8 @@ class BenchmarkDataModule(_VQADataModule):
             else:
                 problems.append(Problem(item.where, item.question_id, f"image not found: {item.image_path}",
                                         "add the file or fix the image folder"))
-        loader = partial(load_preprocessed, size=h.image_size, mean=h.mean, std=h.std, max_pixels=h.max_image_pixels)
+        processor = self.processor or SquareImages(h.image_size, h.mean, h.std)
+        loader = partial(load_processed, processor=processor, max_pixels=h.max_image_pixels)
         return BenchmarkDataset(items, loader, problems)
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:

@@ -21,6 +21,7 @@ from flexvlm.data.collate import SequenceCut, SequenceLimits, VQACollator
 from flexvlm.data.datamodule import _VQADataModule, id_clashes
 from flexvlm.data.image import has_alpha, open_image
 from flexvlm.data.problems import BadSample, Problem
+from flexvlm.data.visuals import ImageProcessor
 from flexvlm.lit_module import sequence_limits
 from flexvlm.models.vlm import FlexVLM
 
@@ -56,14 +57,15 @@ class SampleChecks(Dataset):
         return problems + [w.message.problem for w in caught if isinstance(w.message, SequenceCut)]
 
 
-def check_splits(datamodule: _VQADataModule, limits: SequenceLimits, splits: tuple[str, ...] = ("train", "val", "test")
-                 ) -> tuple[list[Problem], Counter]:
-    """Every problem of the configured splits, and how many samples each split has."""
+def check_splits(datamodule: _VQADataModule, limits: SequenceLimits, splits: tuple[str, ...] = ("train", "val", "test"),
+                 processor: ImageProcessor | None = None) -> tuple[list[Problem], Counter]:
+    """Every problem of the configured splits, and how many samples each split has; ``processor``:
+    the model's own image pipeline, if its architecture has one."""
     problems, sizes = [], Counter()
     try:
-        datamodule.fit_to_model(limits)
+        datamodule.fit_to_model(limits, processor)
     except ValueError as err:
-        problems.append(Problem("data.init_args.tokenizer_path", None, str(err)))
+        problems.append(Problem("data.init_args.tokenizer_path" if processor is None else "data", None, str(err)))
     for split in splits:
         dataset = datamodule.read_split(split)
         if dataset is None:
@@ -102,8 +104,9 @@ class DataCheckCLI(FlexVLMCLI):
         with torch.device("meta"):
             model = instantiate_part(self.config.model.model, FlexVLM)
         self.limits = sequence_limits(model, self.config.model.max_new_tokens)
+        self.processor = model.encoder.image_processor(model.mode)
 
 
 def main(args: list[str] | None = None) -> int:
     cli = build(DataCheckCLI, args, run=False)
-    return report(*check_splits(cli.datamodule, cli.limits))
+    return report(*check_splits(cli.datamodule, cli.limits, processor=cli.processor))

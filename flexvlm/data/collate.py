@@ -11,6 +11,7 @@ from flexvlm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from flexvlm.data.problems import BadSample, Problem, Skipped
 from flexvlm.data.templates import ChatTemplate, Conversation, conversation_defect
 from flexvlm.data.tokenizer import Tokenizer
+from flexvlm.data.visuals import ImageProcessor, SquareImages, stack_square_images
 
 
 def sample_conversation(sample: dict) -> Conversation:
@@ -70,6 +71,13 @@ def _pad(rows: list[list[int]], value: int, length: int, left: bool = False) -> 
     )
 
 
+def _expanded(row: list[int], image_ids: list[int], where: list[int] | None = None) -> list[int]:
+    """``row`` with ``image_ids`` in place of its image placeholder (found in ``where``, by default
+    ``row`` itself: labels are expanded where their ids hold it)."""
+    at = (where if where is not None else row).index(IMAGE_TOKEN_INDEX)
+    return row[:at] + image_ids + row[at + 1:]
+
+
 class VQACollator:
     """Collates samples with `image`, `content_box` and a conversation (see sample_conversation).
 
@@ -78,6 +86,10 @@ class VQACollator:
     `images` (B, 3, S, S); `content_box` (B, 4); `answers` list[list[str]]; `question_id`
     list[str]; every `aux_*` tensor stacked; any other sample key (`question`, `options`, ...)
     as a list; `skipped`: the records of the samples left out (``Problem.record``).
+
+    ``processor``: a model's own image pipeline (``flexvlm.data.visuals``): its ``collate`` makes the
+    image entries, and its ids replace each prompt's image placeholder; without it, samples hold
+    LLaVA-1.5's square images.
 
     A sample that cannot be encoded is a ``BadSample`` naming it; with ``skip_bad`` it is left out
     of the batch instead (a batch of bad samples only has no `question_id` entries). With
@@ -88,11 +100,17 @@ class VQACollator:
     def __init__(
         self, tokenizer: Tokenizer, template: ChatTemplate, pad_to_multiple: int | None = None,
         limits: SequenceLimits | None = None, skip_bad: bool = False, generation: bool = True,
+        processor: ImageProcessor | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
+        self.processor = processor
         self.pad_to_multiple = pad_to_multiple
         self.limits, self.skip_bad, self.generation = limits, skip_bad, generation
+
+    @property
+    def _image_keys(self) -> tuple[str, ...]:
+        return (self.processor or SquareImages).sample_keys
 
     def _length(self, rows: list[list[int]]) -> int:
         length = max(len(r) for r in rows)
@@ -123,6 +141,10 @@ class VQACollator:
         for name, row in (("input_ids", ids), ("prompt_ids", prompt)):
             if row.count(IMAGE_TOKEN_INDEX) != 1:
                 raise bad(f"{name} must hold exactly one image token, found {row.count(IMAGE_TOKEN_INDEX)}")
+        if self.processor is not None:
+            image_ids = self.processor.image_ids(sample, self.tokenizer)
+            ids, labels = _expanded(ids, image_ids), _expanded(labels, [IGNORE_INDEX] * len(image_ids), ids)
+            prompt = _expanded(prompt, image_ids)
         if self.limits is not None:
             if self.generation and len(prompt) > self.limits.max_prompt_length:
                 raise bad(f"the prompt is {len(prompt)} tokens, the model takes {self.limits.max_prompt_length} "
@@ -173,8 +195,7 @@ class VQACollator:
             "labels": _pad([e.labels for e in encoded], IGNORE_INDEX, length),
             "prompt_ids": _pad(prompts, pad_id, prompt_length, left=True),
             "prompt_mask": _pad([[1] * len(r) for r in prompts], 0, prompt_length, left=True),
-            "images": torch.stack([s["image"] for s in kept]),
-            "content_box": torch.stack([s["content_box"] for s in kept]),
+            **(self.processor.collate(kept) if self.processor is not None else stack_square_images(kept)),
             "answers": [e.answers for e in encoded],
             "question_id": [str(s.get("question_id", "")) for s in kept],
             "skipped": skipped,
@@ -182,6 +203,6 @@ class VQACollator:
         for key in kept[0]:
             if key.startswith("aux_"):
                 batch[key] = torch.stack([s[key] for s in kept])
-            elif key not in batch and key not in ("image", "conversations", "where"):
+            elif key not in batch and key not in (*self._image_keys, "conversations", "where"):
                 batch[key] = [s.get(key) for s in kept]
         return batch

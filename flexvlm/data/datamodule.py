@@ -22,6 +22,7 @@ from flexvlm.data.sampler import ResumableDataLoader, ResumableSampler
 from flexvlm.data.synthetic import WORDS, SyntheticVQA
 from flexvlm.data.templates import ChatTemplate, PlainTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import Tokenizer, WordTokenizer, load_tokenizer
+from flexvlm.data.visuals import ImageProcessor
 
 # which splits each Lightning stage needs (predict runs on the test split)
 STAGE_SPLITS = {
@@ -73,7 +74,9 @@ class _VQADataModule(L.LightningDataModule):
         # raises on a bad sample: for the protocols' own batches (flexvlm.evaluation)
         self.collator = VQACollator(tokenizer, template)
         self.limits: SequenceLimits | None = None
+        self.processor: ImageProcessor | None = None  # a model's own image pipeline (fit_to_model)
         self.splits: dict[str, Dataset] = {}
+        self.requested: set[str] = set()  # the splits a stage has asked for
         self.problems: dict[str, list[Problem]] = {}
         self.answered: Callable[[], set[str]] | None = None
         self.seed = seed
@@ -82,6 +85,7 @@ class _VQADataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        self.requested.update(STAGE_SPLITS[stage])
         for split in STAGE_SPLITS[stage]:
             if split not in self.splits and (dataset := self.read_split(split)) is not None:
                 if split in ANSWERS_BY_ID and (clashes := id_clashes(split, dataset)):
@@ -96,8 +100,12 @@ class _VQADataModule(L.LightningDataModule):
                 self.problems[split] = problems
                 self.splits[split] = dataset
 
-    def fit_to_model(self, limits: SequenceLimits) -> None:
-        """What the model takes, from here on: sequences are cut to it, prompts checked against it."""
+    def fit_to_model(self, limits: SequenceLimits, processor: ImageProcessor | None = None) -> None:
+        """What the model takes, from here on: sequences are cut to it, prompts checked against it;
+        ``processor``: the model's own image pipeline, for an architecture whose preprocessing is
+        its own (None: LLaVA-1.5's square images, this datamodule's)."""
+        if processor is not None:
+            self.use_processor(processor)
         if self.tokenizer.vocab_size > limits.vocab_size:
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} ids, the model's embedding {limits.vocab_size}: "
@@ -105,6 +113,16 @@ class _VQADataModule(L.LightningDataModule):
                 "(data.init_args.tokenizer_path), or a model whose vocabulary covers it "
                 "(model.model.init_args.llm_overrides.vocab_size)")
         self.limits = self.collator.limits = limits
+
+    def use_processor(self, processor: ImageProcessor) -> None:
+        """Images go through ``processor`` from here on: the splits asked for are read again with it, and a
+        word-level vocabulary learns the words its prompts put around the image (after its own, so that
+        no id moves; a model's own tokenizer has them)."""
+        self.processor = self.collator.processor = processor
+        self.splits = {split: dataset for split in sorted(self.requested)
+                       if (dataset := self.read_split(split)) is not None}
+        if isinstance(self.tokenizer, WordTokenizer):
+            self.tokenizer = self.collator.tokenizer = self.tokenizer.with_words(list(processor.special_tokens))
 
     def skip_answered(self, answered: Callable[[], set[str]]) -> None:
         """The test loader leaves out the questions a restarted test has answered: ``answered()``,
@@ -126,7 +144,7 @@ class _VQADataModule(L.LightningDataModule):
             dataset = Subset(dataset, [i for i, q in enumerate(dataset.sample_ids()) if q not in leave_out])
         skip = self.on_bad_sample == "skip"
         collator = VQACollator(self.tokenizer, self.template, limits=self.limits, skip_bad=skip,
-                               generation=not shuffle)
+                               generation=not shuffle, processor=self.processor)
         kwargs = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collator)
         dataset = SkipBadSamples(dataset) if skip else dataset
         if shuffle:
@@ -159,27 +177,45 @@ class SyntheticVQADataModule(_VQADataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        image_size: int = 96,
+        image_size: int | None = 96,
         zoom: int = 3,
-        patch_size: int = 8,
+        patch_size: int | None = 8,
         fine_print: bool = False,
-        mean: Triple = (0.5, 0.5, 0.5),
-        std: Triple = (0.5, 0.5, 0.5),
+        mean: Triple | None = (0.5, 0.5, 0.5),
+        std: Triple | None = (0.5, 0.5, 0.5),
         shuffle_seed: int | None = None,
+        views: tuple[int, int] = (2, 3),
     ) -> None:
         """``seed`` draws every split's samples; ``shuffle_seed`` (default: ``seed``) the training
-        order alone, so runs of one study can vary their order on the same data and test split."""
+        order alone, so runs of one study can vary their order on the same data and test split.
+
+        LLaVA-1.5's geometry (the config links it from the model's backbone): square scenes of
+        ``image_size`` pixels, a token per ``patch_size`` pixels, a low-res cell per ``zoom`` x ``zoom``
+        tokens. An architecture whose preprocessing cuts images into square views (its encoder's
+        image processor, given at ``fit_to_model``) gets scenes of ``views`` (rows, cols) of them
+        instead: (rows x view side) x (cols x view side) pixels, a token per view pixel side / view
+        tokens, a low-res cell (a token of the view squeezed from the whole image) per rows x cols tokens."""
         order_seed = seed if shuffle_seed is None else shuffle_seed
         super().__init__(WordTokenizer(WORDS), PlainTemplate(), batch_size, eval_batch_size, num_workers, order_seed)
         self.save_hyperparameters()
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 
-    def read_split(self, split: str) -> SyntheticVQA:
+    def read_split(self, split: str) -> SyntheticVQA | None:
         h = self.hparams
-        return SyntheticVQA(
-            self.sizes[split], h.seed, image_size=h.image_size, patch_size=h.patch_size,
-            zoom=h.zoom, split=split, mean=h.mean, std=h.std, fine_print=h.fine_print,
-        )
+        if self.processor is not None:
+            if self.processor.view_size is None:
+                raise ValueError(f"{type(self.processor).__name__} draws no square views: the built-in task cannot "
+                                 f"size its scenes for it")
+            rows, cols = h.views
+            size, tokens = self.processor.view_size, self.processor.view_tokens
+            geometry = dict(image_size=(rows * size, cols * size), patch_size=size // tokens, zoom=(rows, cols))
+        elif h.image_size is None:
+            return None  # the model's processor gives the geometry (fit_to_model)
+        else:
+            geometry = dict(image_size=h.image_size, patch_size=h.patch_size, zoom=h.zoom)
+        return SyntheticVQA(self.sizes[split], h.seed, split=split, mean=h.mean, std=h.std, fine_print=h.fine_print,
+                            processor=self.processor, **geometry)
+
 
 
 class LlavaDataModule(_VQADataModule):
@@ -217,4 +253,5 @@ class LlavaDataModule(_VQADataModule):
         if self.files[split] is None:
             return None
         h = self.hparams
-        return LlavaInstructDataset(self.files[split], h.image_folder, h.image_size, h.mean, h.std, h.max_image_pixels)
+        return LlavaInstructDataset(self.files[split], h.image_folder, h.image_size, h.mean, h.std, h.max_image_pixels,
+                                    self.processor)

@@ -8,9 +8,10 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from flexvlm.data.files import read_json
-from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS, load_image, preprocess_image
+from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS, load_image
 from flexvlm.data.problems import BadSample, Problem
 from flexvlm.data.templates import conversation_defect
+from flexvlm.data.visuals import ImageProcessor, SquareImages
 
 Triple = tuple[float, float, float]
 
@@ -48,13 +49,16 @@ class LlavaInstructDataset(Dataset):
         mean: Triple = CLIP_MEAN,
         std: Triple = CLIP_STD,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        processor: ImageProcessor | None = None,
     ) -> None:
+        """``processor``: what an image becomes (default LLaVA-1.5's square of ``image_size``, ``mean``,
+        ``std``; a model's own, ``flexvlm.data.visuals``)."""
         entries = read_json(json_path, "annotation file")
         if not isinstance(entries, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(entries).__name__}")
         self.image_folder = Path(image_folder)
-        self.image_size, self.mean, self.std = image_size, mean, std
         self.max_image_pixels = max_image_pixels
+        self.processor = processor or SquareImages(image_size, mean, std)
         self.entries: list[tuple[str, str, dict]] = []  # (where, sample id, entry)
         self.problems: list[Problem] = []
         for i, entry in enumerate(entries):
@@ -85,5 +89,4 @@ class LlavaInstructDataset(Dataset):
         except (FileNotFoundError, ValueError) as err:
             raise BadSample(Problem(sample["where"], sample["question_id"], str(err),
                                     "replace or remove the image")) from err
-        tensor, content_box = preprocess_image(image, self.image_size, self.mean, self.std)
-        return {"image": tensor, "content_box": content_box, **sample}
+        return {**self.processor.process(image), **sample}

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from flexvlm.constants import IGNORE_INDEX
-from flexvlm.data.image import preprocess_image
+from flexvlm.data.visuals import ImageProcessor, SquareImages
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (210, 40, 40),
@@ -79,11 +79,26 @@ class Scene:
         return str(self.query.digit)
 
 
-def _check_geometry(image_size: int, patch_size: int, zoom: int) -> None:
-    if image_size % (patch_size * zoom):
-        raise ValueError(f"image_size {image_size} must be a multiple of patch_size * zoom")
+Size = int | tuple[int, int]  # a side, or (height, width)
+
+
+def _pair(size: Size | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _check_geometry(image_size: Size, patch_size: int, zoom: Size) -> None:
+    if any(side % (patch_size * z) for side, z in zip(_pair(image_size), _pair(zoom))):
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size * zoom ({patch_size} x {zoom})")
     if patch_size < 7:
         raise ValueError("patch_size must be >= 7 to hold a 5 x 7 digit")
+
+
+def grids(image_size: Size, patch_size: int, zoom: Size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(low-res grid, high-res grid) as (rows, cols): the high-res grid has a token per patch, the
+    low-res grid a cell per zoom x zoom patches (zoom per axis for a non-square image)."""
+    (height, width), (zoom_h, zoom_w) = _pair(image_size), _pair(zoom)
+    hr = (height // patch_size, width // patch_size)
+    return (hr[0] // zoom_h, hr[1] // zoom_w), hr
 
 
 def glyph_box(patch: np.ndarray) -> np.ndarray:
@@ -104,20 +119,21 @@ def paint_glyph(patch: np.ndarray, digit: int, colour: np.ndarray, polarity: flo
 
 
 def layout_tiles(
-    rng: np.random.Generator, image_size: int, patch_size: int, zoom: int, num_tiles: tuple[int, int]
+    rng: np.random.Generator, image_size: Size, patch_size: int, zoom: Size, num_tiles: tuple[int, int]
 ) -> list[Tile]:
     """Distinct colours in distinct LR cells, each at a random HR patch inside its cell."""
-    lr_grid = image_size // patch_size // zoom
+    (lr_rows, lr_cols), _ = grids(image_size, patch_size, zoom)
+    zoom_h, zoom_w = _pair(zoom)
     count = int(rng.integers(num_tiles[0], num_tiles[1] + 1))
     colours = rng.permutation(len(COLOUR_NAMES))[:count]
-    cells = rng.choice(lr_grid * lr_grid, size=count, replace=False)
+    cells = rng.choice(lr_rows * lr_cols, size=count, replace=False)
     tiles = []
     for colour, cell in zip(colours, cells):
-        offset_row, offset_col = rng.integers(0, zoom, size=2)
+        offset_row, offset_col = rng.integers(0, np.array([zoom_h, zoom_w]))
         tiles.append(
             Tile(
-                row=int(cell // lr_grid * zoom + offset_row),
-                col=int(cell % lr_grid * zoom + offset_col),
+                row=int(cell // lr_cols * zoom_h + offset_row),
+                col=int(cell % lr_cols * zoom_w + offset_col),
                 colour=COLOUR_NAMES[colour],
                 digit=int(rng.integers(10)),
             )
@@ -126,7 +142,7 @@ def layout_tiles(
 
 
 def draw_scene(
-    tiles: Sequence[Tile], image_size: int, patch_size: int, rng: np.random.Generator, fine_print: bool = False
+    tiles: Sequence[Tile], image_size: Size, patch_size: int, rng: np.random.Generator, fine_print: bool = False
 ) -> Image.Image:
     """Paint the background, clutter, tiles and noise.
 
@@ -135,13 +151,14 @@ def draw_scene(
     """
     # blocky near-grey background: half-patch blocks, a faint per-block tint
     block = patch_size // 2
-    blocks = image_size // block
-    grey = rng.uniform(90, 166, (blocks, blocks, 1)) + rng.uniform(-6, 6, (blocks, blocks, 3))
+    height, width = _pair(image_size)
+    blocks = (height // block, width // block)
+    grey = rng.uniform(90, 166, (*blocks, 1)) + rng.uniform(-6, 6, (*blocks, 3))
     canvas = grey.astype(np.float32).repeat(block, axis=0).repeat(block, axis=1)
     # grey clutter rectangles: edges and dark strokes that are not tiles
     count = int(rng.integers(4, 9))
     sizes = rng.integers(2, 2 * patch_size, (count, 2))
-    corners = rng.integers(0, image_size - 1, (count, 2))
+    corners = rng.integers(0, np.array([height - 1, width - 1]), (count, 2))
     for (height, width), (top, left), value in zip(sizes, corners, rng.uniform(40, 215, count)):
         canvas[top : top + height, left : left + width] = value
     for tile in tiles:
@@ -165,9 +182,9 @@ def render_sample(
     index: int,
     *,
     split: str = "train",
-    image_size: int = 96,
+    image_size: Size = 96,
     patch_size: int = 8,
-    zoom: int = 3,
+    zoom: Size = 3,
     num_tiles: tuple[int, int] = (2, 4),
     fine_print: bool = False,
 ) -> Scene:
@@ -182,41 +199,47 @@ def render_sample(
 
 
 def aux_targets(
-    tiles: Sequence[Tile], query: Tile, image_size: int, patch_size: int, zoom: int
+    tiles: Sequence[Tile], query: Tile, image_size: Size, patch_size: int, zoom: Size
 ) -> dict[str, torch.Tensor]:
     """Dense targets, row-major over the token grids: colour class (0 = background) of every
     LR and HR token, digit of every HR tile token (IGNORE_INDEX elsewhere), and the LR cell of the
     queried tile."""
-    hr_grid = image_size // patch_size
-    lr_grid = hr_grid // zoom
-    lr_colour = torch.zeros(lr_grid * lr_grid, dtype=torch.long)
-    hr_colour = torch.zeros(hr_grid * hr_grid, dtype=torch.long)
-    hr_digit = torch.full((hr_grid * hr_grid,), IGNORE_INDEX, dtype=torch.long)
+    (lr_rows, lr_cols), (hr_rows, hr_cols) = grids(image_size, patch_size, zoom)
+    zoom_h, zoom_w = _pair(zoom)
+    lr_colour = torch.zeros(lr_rows * lr_cols, dtype=torch.long)
+    hr_colour = torch.zeros(hr_rows * hr_cols, dtype=torch.long)
+    hr_digit = torch.full((hr_rows * hr_cols,), IGNORE_INDEX, dtype=torch.long)
     for tile in tiles:
         colour_class = COLOUR_NAMES.index(tile.colour) + 1
-        lr_colour[tile.row // zoom * lr_grid + tile.col // zoom] = colour_class
-        hr_colour[tile.row * hr_grid + tile.col] = colour_class
-        hr_digit[tile.row * hr_grid + tile.col] = tile.digit
-    query_cell = torch.tensor(query.row // zoom * lr_grid + query.col // zoom)
+        lr_colour[tile.row // zoom_h * lr_cols + tile.col // zoom_w] = colour_class
+        hr_colour[tile.row * hr_cols + tile.col] = colour_class
+        hr_digit[tile.row * hr_cols + tile.col] = tile.digit
+    query_cell = torch.tensor(query.row // zoom_h * lr_cols + query.col // zoom_w)
     return {"aux_lr_colour": lr_colour, "aux_hr_colour": hr_colour, "aux_hr_digit": hr_digit,
             "aux_query_cell": query_cell}
 
 
 class SyntheticVQA(torch.utils.data.Dataset):
-    """`num_samples` procedurally generated samples; sample i depends only on (seed, split, i)."""
+    """`num_samples` procedurally generated samples; sample i depends only on (seed, split, i).
+
+    ``image_size`` and ``zoom`` may be (height, width): a non-square scene, for an architecture whose
+    preprocessing takes any aspect ratio; its ``processor`` (the model's, ``flexvlm.data.visuals``)
+    then turns the image into what the model takes. The default, for a square scene, is LLaVA-1.5's
+    (pad, resize to ``image_size``, normalise with ``mean`` and ``std``)."""
 
     def __init__(
         self,
         num_samples: int,
         seed: int,
-        image_size: int = 96,
+        image_size: Size = 96,
         patch_size: int = 8,
-        zoom: int = 3,
+        zoom: Size = 3,
         split: str = "train",
         num_tiles: tuple[int, int] = (2, 4),
         fine_print: bool = False,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        processor: ImageProcessor | None = None,
     ) -> None:
         _check_geometry(image_size, patch_size, zoom)
         if split not in SPLITS:
@@ -224,6 +247,16 @@ class SyntheticVQA(torch.utils.data.Dataset):
         self.num_samples, self.seed, self.split = num_samples, seed, split
         self.image_size, self.patch_size, self.zoom = image_size, patch_size, zoom
         self.num_tiles, self.fine_print, self.mean, self.std = tuple(num_tiles), fine_print, mean, std
+        self.processor = processor  # the datamodule sets the model's once it knows the model
+
+    def _image_entries(self, image: Image.Image) -> dict:
+        if self.processor is not None:
+            return self.processor.process(image)
+        height, width = _pair(self.image_size)
+        if height != width:
+            raise ValueError(f"a {height} x {width} scene needs the model's image processor: LLaVA-1.5's "
+                             f"preprocessing takes square scenes (image_size a single side)")
+        return SquareImages(height, self.mean, self.std).process(image)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -250,10 +283,8 @@ class SyntheticVQA(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         scene = self.scene(index)
-        image, content_box = preprocess_image(scene.image, self.image_size, self.mean, self.std)
         return {
-            "image": image,
-            "content_box": content_box,
+            **self._image_entries(scene.image),
             "question": scene.question,
             "answer": scene.answer,
             "answers": [scene.answer],

@@ -67,7 +67,9 @@ class _PlaceholderTokenizer(ABC):
 
 
 class WordTokenizer(_PlaceholderTokenizer):
-    """Whitespace word-level tokenizer: `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3, then `words`."""
+    """Whitespace word-level tokenizer: `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3, then `words`. A word
+    in angle brackets (an architecture's `<global-img>`) is split out of running text, as HF
+    tokenizers split their added tokens; whitespace (newlines too) only separates words."""
 
     SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -79,9 +81,15 @@ class WordTokenizer(_PlaceholderTokenizer):
         self.word_to_id = {w: i for i, w in enumerate(vocab)}
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
         self.vocab_size = len(vocab)
+        bracketed = sorted((w for w in words if re.fullmatch(r"<\S+>", w)), key=len, reverse=True)
+        self._word = re.compile("".join(f"{re.escape(w)}|" for w in bracketed) + r"\S+")
+
+    def with_words(self, words: list[str]) -> "WordTokenizer":
+        """This vocabulary and then the ``words`` it lacks: every id it had keeps its word."""
+        return WordTokenizer([*self.id_to_word[len(self.SPECIALS):], *(w for w in words if w not in self.word_to_id)])
 
     def _encode_piece(self, text: str) -> tuple[list[int], Offsets]:
-        matches = list(re.finditer(r"\S+", text))
+        matches = list(self._word.finditer(text))
         ids = [self.word_to_id.get(m.group(), self.unk_id) for m in matches]
         return ids, [m.span() for m in matches]
 

@@ -170,6 +170,10 @@ class FlexVLMLmms(lmms):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {list(DTYPES)}")
         loaded = load(pretrained, vision)
+        if loaded.model.image_size is None:
+            raise ValueError(f"{pretrained}: the lmms-eval model gives LLaVA-1.5's square images; this model's "
+                             f"{type(loaded.model.encoder).__name__} preprocesses its own, which flexvlm's test "
+                             f"with a benchmark config (BenchmarkDataModule) takes")
         if device is None:
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)

@@ -82,19 +82,27 @@ def clip_vision_from_hf(state: StateDict) -> StateDict:
     return out
 
 
-def clip_vision_to_hf(state: StateDict) -> StateDict:
-    """The inverse of `clip_vision_from_hf` for a tower as OpenClipBackbone keeps it (no head): open_clip
-    `VisionTransformer` names -> HF `CLIPVisionModel` names (`vision_model.*`), `in_proj` split into
-    q / k / v (copies: safetensors stores no tensors that share memory)."""
+def fused_qkv_to_hf(state: StateDict, fused_qkv: re.Pattern, renames: list[tuple[str, str]], prefix: str,
+                    unbatched: tuple[str, ...] = ()) -> StateDict:
+    """A ViT's tensors under another library's names (open_clip's, timm's) -> transformers' under `prefix`:
+    each fused q / k / v tensor (`fused_qkv` matches its name, layer and kind) split into `q_proj`, `k_proj`,
+    `v_proj` (copies: safetensors stores no tensors that share memory), the others renamed by `renames`;
+    the tensors named in `unbatched` lose the leading batch dimension that transformers' lack."""
     out: StateDict = {}
     for name, tensor in state.items():
-        if match := _CLIP_OPEN_CLIP_QKV.fullmatch(name):
+        if match := fused_qkv.fullmatch(name):
             layer, kind = match.groups()
             for which, part in zip("qkv", tensor.chunk(3)):
-                out[f"vision_model.encoder.layers.{layer}.self_attn.{which}_proj.{kind}"] = part.clone()
+                out[f"{prefix}encoder.layers.{layer}.self_attn.{which}_proj.{kind}"] = part.clone()
         else:
-            out["vision_model." + _renamed(name, _CLIP_OPEN_CLIP_RENAMES)] = tensor
+            out[prefix + _renamed(name, renames)] = tensor[0] if name in unbatched else tensor
     return out
+
+
+def clip_vision_to_hf(state: StateDict) -> StateDict:
+    """The inverse of `clip_vision_from_hf` for a tower as OpenClipBackbone keeps it (no head): open_clip
+    `VisionTransformer` names -> HF `CLIPVisionModel` names (`vision_model.*`)."""
+    return fused_qkv_to_hf(state, _CLIP_OPEN_CLIP_QKV, _CLIP_OPEN_CLIP_RENAMES, "vision_model.")
 
 
 def clip_vision_from_open_clip(state: StateDict) -> StateDict:

@@ -1,21 +1,81 @@
-"""Dual-path encoding: a low-resolution view in the sequence, a high-resolution token grid beside it."""
+"""From images to the tokens a FlexVLM places: the ``VisualEncoder`` interface an architecture
+implements, and LLaVA-1.5's, the dual-path encoder (a low-res view in the sequence, a high-res token
+grid beside it)."""
 
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexvlm.models.geometry import Shape, VisualLayout, square_layout
 from flexvlm.models.vision import VisionBackbone
+from flexvlm.selection.base import MARGIN_RULES, valid_grid
 
-__all__ = ["DualPathEncoder", "HIGH_RES_PATHS"]
+__all__ = ["DualPathEncoder", "EncodedImages", "HIGH_RES_PATHS", "VisualEncoder"]
 
 HIGH_RES_PATHS = ("crops", "whole")
 
 
-class DualPathEncoder(nn.Module):
+@dataclass
+class EncodedImages:
+    """A batch's images as the decoder takes them, for one mode (``FlexVLM``'s table)."""
+
+    in_sequence: Tensor  # (B, n, D) projected tokens that replace the image placeholders of the prompt
+    counts: Tensor | None  # (B,) real tokens of ``in_sequence`` per sample; None: all n
+    high_res: Tensor | None = None  # (B, H*W, D) projected high-res tokens on the layout's canvas (xattn, flex)
+    layout: VisualLayout | None = None  # their geometry (xattn, flex)
+    lr_features: Tensor | None = None  # the tower's features before the projector, where an objective reads them
+    hr_features: Tensor | None = None
+
+
+class VisualEncoder(nn.Module, ABC):
+    """An architecture's way from its image batch to tokens. In ``lr_only``, ``xattn`` and ``flex``
+    the sequence holds the low-res view, its ``lr_shape`` grid contiguous and row-major from the first
+    image token; in ``hd`` everything the original model puts there. The projector (``FlexVLM``'s
+    part) is handed in, since some architectures project each view before arranging the views."""
+
+    feature_dim: int  # width of the features the projector takes (``grid_features``' width)
+
+    @property
+    @abstractmethod
+    def lr_shape(self) -> Shape:
+        """(h, w) of the low-res grid in the sequence."""
+
+    @abstractmethod
+    def encode(self, images: Any, project: Callable[[Tensor], Tensor], mode: str,
+               content_box: Tensor | None = None) -> EncodedImages:
+        """The tokens of ``images`` for ``mode``; the high-res tokens and their layout in xattn and flex."""
+
+    def grid_features(self, images: Any) -> tuple[Tensor, Tensor]:
+        """The features before the projector, row-major on the low-res grid (B, h*w, C) and on the
+        high-res canvas (B, H*W, C): what an auxiliary objective reads (``EncodedImages`` carries them
+        where a mode computes them anyway)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no grid features")
+
+    def placeholder_tokens(self, mode: str) -> int:
+        """Sequence positions one image placeholder of a prompt stands for: 1 where the prompt holds a
+        placeholder per image token (the architecture's processor expands them)."""
+        return 1
+
+    @property
+    def input_size(self) -> int | None:
+        """The side of the square images the encoder takes; None when its preprocessing sizes them."""
+        return None
+
+    def image_processor(self, mode: str) -> Any:
+        """The data pipeline's image processor for ``mode`` (a ``flexvlm.data.visuals.ImageProcessor``:
+        what a sample's image becomes, how samples batch, the prompt's image ids), or None: LLaVA-1.5's
+        square images, which the datamodule makes itself."""
+        return None
+
+
+class DualPathEncoder(VisualEncoder):
     """Encodes a normalised, square-padded image (B, 3, S, S), S = zoom * backbone.image_size.
 
     Low-res: the image resized to the backbone's native size -> g x g tokens.
@@ -31,8 +91,13 @@ class DualPathEncoder(nn.Module):
         zoom: int = 3,
         high_res_path: str = "crops",
         high_res_grad: bool = False,
+        margin_rule: str = "centre",
     ) -> None:
+        """``margin_rule``: which low-res cells of a padded image count as border, out of the selecting
+        maps (``flexvlm.selection.valid_grid``)."""
         super().__init__()
+        if margin_rule not in MARGIN_RULES:
+            raise ValueError(f"unknown margin_rule {margin_rule!r}; valid: {list(MARGIN_RULES)}")
         if high_res_path not in HIGH_RES_PATHS:
             raise ValueError(f"unknown high_res_path {high_res_path!r}; valid: {', '.join(HIGH_RES_PATHS)}")
         if zoom < 1:
@@ -46,13 +111,43 @@ class DualPathEncoder(nn.Module):
         self.zoom = zoom
         self.high_res_path = high_res_path
         self.high_res_grad = high_res_grad
+        self.margin_rule = margin_rule
+        self.feature_dim = backbone.embed_dim
         self.lr_grid = backbone.grid_size
         self.hr_grid = zoom * self.lr_grid
         self.high_res_size = zoom * backbone.image_size
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def lr_shape(self) -> Shape:
+        return (self.lr_grid, self.lr_grid)
+
+    @property
+    def input_size(self) -> int:
+        return self.high_res_size
+
+    def placeholder_tokens(self, mode: str) -> int:
+        """LLaVA's prompt holds one ``<image>`` that the image's tokens replace."""
+        return (self.hr_grid if mode == "hd" else self.lr_grid) ** 2
+
+    def grid_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(low-res tokens (B, g*g, C), high-res tokens (B, (zoom*g)^2, C))."""
         return self.encode_low_res(images), self.encode_high_res(images)
+
+    def encode(self, images: Tensor, project: Callable[[Tensor], Tensor], mode: str,
+               content_box: Tensor | None = None) -> EncodedImages:
+        """``content_box`` (B, 4): the part of each padded square that shows the image (the whole square
+        when None)."""
+        lr_features = self.encode_low_res(images) if mode != "hd" else None
+        hr_features = self.encode_high_res(images) if mode != "lr_only" else None
+        out = EncodedImages(project(hr_features if mode == "hd" else lr_features), None,
+                            lr_features=lr_features, hr_features=hr_features)
+        if mode in ("xattn", "flex"):
+            if content_box is None:
+                content_box = images.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(images.shape[0], 4)
+            out.high_res = project(hr_features)
+            out.layout = square_layout(valid_grid(content_box, self.lr_grid, self.margin_rule),
+                                       valid_grid(content_box, self.hr_grid))
+        return out
 
     def encode_low_res(self, images: Tensor) -> Tensor:
         self._check_size(images)

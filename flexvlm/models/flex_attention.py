@@ -29,28 +29,15 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexvlm.models.decoder import (
     AttentionInputs, DecoderAttention, DecoderLayer, KVCache, causal_key_mask, gather_rows,
 )
+from flexvlm.models.geometry import Shape, VisualLayout
 from flexvlm.selection.base import SelectionContext, SelectionStrategy
 
 HIGH_RES_KV_MODES = ("lazy", "prefill")
-
-
-def interpolate_rope(cos: Tensor, sin: Tensor, lr_grid: int, hr_grid: int) -> tuple[Tensor, Tensor]:
-    """RoPE for HR keys, as the release does: take cos / sin at the g x g low-res image positions and
-    interpolate them bicubically onto the G x G high-res grid. (B, g*g, d) -> (B, G*G, d)."""
-
-    def resize(table: Tensor) -> Tensor:
-        b, _, d = table.shape
-        grid = table.float().transpose(1, 2).reshape(b, d, lr_grid, lr_grid)
-        grid = F.interpolate(grid, size=(hr_grid, hr_grid), mode="bicubic", align_corners=False)
-        return grid.flatten(2).transpose(1, 2).to(table.dtype)
-
-    return resize(cos), resize(sin)
 
 
 def selected_first(mask: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
@@ -129,16 +116,16 @@ class HighResState:
         cos: Tensor,
         sin: Tensor,
         lr_index: Tensor,
-        lr_valid: Tensor,
-        hr_valid: Tensor,
+        layout: VisualLayout,
         strategy: SelectionStrategy | None,
         dense: bool = False,
         alpha: float = 1.0,
         kv_mode: str = "lazy",
         map_grad: bool = False,
     ) -> None:
-        """features (B, M, D): projected HR tokens; cos / sin (B, M, d): their RoPE; lr_index (B, g*g):
-        key positions of the low-res image tokens; lr_valid / hr_valid: the margin masks; ``dense``:
+        """features (B, M, D): projected HR tokens on the layout's canvas (M = H * W); cos / sin (B, M, d):
+        their RoPE; lr_index (B, h*w): key positions of the low-res image tokens; ``layout``: the
+        batch's geometry (``flexvlm.models.geometry``); ``dense``:
         every row sees every HR token (cross-attention baseline) and nothing is selected;
         ``kv_mode``: how HR K/V are projected at inference, ``lazy`` or ``prefill``; ``map_grad``:
         the selecting maps keep their gradient (for a training objective on where the model looks;
@@ -146,15 +133,14 @@ class HighResState:
         if kv_mode not in HIGH_RES_KV_MODES:
             raise ValueError(f"unknown high-res K/V mode {kv_mode!r}; valid: {list(HIGH_RES_KV_MODES)}")
         self.features, self.cos, self.sin = features, cos, sin
-        self.lr_index, self.lr_valid, self.hr_valid = lr_index, lr_valid, hr_valid
-        self.lr_grid, self.hr_grid = lr_valid.shape[-1], hr_valid.shape[-1]
+        self.lr_index, self.layout, self.hr_valid = lr_index, layout, layout.hr_valid
         self.strategy, self.dense, self.alpha, self.kv_mode = strategy, dense, alpha, kv_mode
         self.map_grad = map_grad
-        self._base_context = SelectionContext(self.lr_grid, self.hr_grid, lr_valid, hr_valid, layer=-1)
+        self._base_context = SelectionContext(layout, layer=-1)
         # (B,) HR tokens a row can select: those of the image, or every one for a strategy that keeps
         # padding (whole blocks), so that a fraction never exceeds 1
-        selectable = hr_valid if strategy is None else strategy.clip(torch.ones_like(hr_valid)[:, None],
-                                                                     self._base_context)
+        selectable = (self.hr_valid if strategy is None
+                      else strategy.clip(torch.ones_like(self.hr_valid)[:, None], self._base_context))
         self.available = selectable.flatten(1).sum(-1).clamp(min=1)
         self._contexts: dict[int, SelectionContext] = {}  # FA layer -> its context, sharing the memo
         self._kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # layer -> K, V buffers, projected (B, M)
@@ -165,8 +151,8 @@ class HighResState:
     def start_step(self, rows: SelectingRows | None) -> None:
         """Forget the last step's record; ``rows`` select in the step that follows."""
         self.rows = rows
-        self.masks: dict[int, Tensor] = {}  # FA layer -> (B, R, G, G) selection masks
-        # FA layer -> (B, R, g, g) the head-summed low-res attention that selected for it (with its
+        self.masks: dict[int, Tensor] = {}  # FA layer -> (B, R, H, W) selection masks
+        # FA layer -> (B, R, h, w) the head-summed low-res attention that selected for it (with its
         # gradient when ``map_grad``)
         self.maps: dict[int, Tensor] = {}
         self.row_counts: dict[int, Tensor] = {}  # FA layer -> (B, R) HR tokens selected
@@ -176,7 +162,7 @@ class HighResState:
         """The selecting rows' plain attention (B, heads, R, keys) of layer ``layer_idx`` - 1 ->
         the selection of layer ``layer_idx``."""
         b, _, r, _ = probs.shape
-        attn_map = low_res_map(probs, self.lr_index, self.lr_grid)
+        attn_map = low_res_map(probs, self.lr_index, self.layout.lr_shape)
         self.maps[layer_idx] = attn_map
         mask = self.strategy(attn_map.detach(), self._context(layer_idx))
         if not self.rows.all_valid:
@@ -280,11 +266,11 @@ class HighResState:
         return k_buf, v_buf
 
 
-def low_res_map(probs: Tensor, lr_index: Tensor, lr_grid: int) -> Tensor:
+def low_res_map(probs: Tensor, lr_index: Tensor, lr_shape: Shape) -> Tensor:
     """Rows' softmax over the sequence keys (B, heads, R, keys) -> their head-summed attention on the
-    g x g low-res image tokens at ``lr_index`` (B, g*g): (B, R, g, g), the map that selects."""
+    h x w low-res image tokens at ``lr_index`` (B, h*w): (B, R, h, w), the map that selects."""
     b, _, r, _ = probs.shape
-    return probs.sum(1).gather(-1, lr_index[:, None].expand(b, r, -1)).view(b, r, lr_grid, lr_grid)
+    return probs.sum(1).gather(-1, lr_index[:, None].expand(b, r, -1)).view(b, r, *lr_shape)
 
 
 def _gather_tokens(x: Tensor, tokens: Tensor) -> Tensor:

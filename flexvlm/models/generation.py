@@ -11,7 +11,7 @@ generations). docs/benchmarks.md measures the crossover.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ def generation_steps(
     model: FlexVLM,
     input_ids: Tensor,
     attention_mask: Tensor,
-    images: Tensor,
+    images: Any,
     content_box: Tensor | None = None,
     max_new_tokens: int = 16,
     use_cache: bool = True,
@@ -87,7 +87,7 @@ def generate(
     model: FlexVLM,
     input_ids: Tensor,
     attention_mask: Tensor,
-    images: Tensor,
+    images: Any,
     content_box: Tensor | None = None,
     max_new_tokens: int = 16,
     eos_token_id: int | None = None,

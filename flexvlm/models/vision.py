@@ -99,6 +99,9 @@ class TimmBackbone(VisionBackbone):
 
     `checkpoint_path` holds a state dict of the timm model itself (timm key names). Blocks after
     `layer`, the final norm and the head are dropped after loading: they never reach the output.
+    `final_norm`: keep the model's final norm and return the last block's tokens after it (e.g.
+    transformers' SigLIP `last_hidden_state`, after `post_layernorm`); only with `layer` the last
+    block. `depth` is the number of blocks of the whole model, before the drop.
     """
 
     def __init__(
@@ -108,14 +111,22 @@ class TimmBackbone(VisionBackbone):
         frozen: bool = False,
         checkpoint_path: str | Path | None = None,
         model_kwargs: dict | None = None,
+        final_norm: bool = False,
     ) -> None:
         super().__init__()
         kwargs = {**(model_kwargs or {}), "num_classes": 0, "dynamic_img_size": True}
         self.model = timm.create_model(model_name, pretrained=False, **kwargs)
         if checkpoint_path is not None:
             load_state_dict_strict(self.model, _read_checkpoint(self.model, checkpoint_path), str(checkpoint_path))
-        self.block_index = _block_index(layer, len(self.model.blocks))
-        self.model.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
+        self.depth = len(self.model.blocks)
+        self.block_index = _block_index(layer, self.depth)
+        self.final_norm = final_norm
+        if final_norm and self.block_index != self.depth - 1:
+            raise ValueError(f"final_norm=True follows the last block: layer {layer} is block {self.block_index} of "
+                             f"{self.depth}; give layer -1 (or {self.depth - 1}), or final_norm=False")
+        if final_norm and isinstance(getattr(self.model, "norm", None), (nn.Identity, type(None))):
+            raise ValueError(f"final_norm=True: {model_name} has no final norm before its pooling (`norm`)")
+        self.model.prune_intermediate_layers([self.block_index], prune_norm=not final_norm, prune_head=True)
 
         self.image_size = _square(self.model.patch_embed.img_size, "images")
         self.patch_size = _square(self.model.patch_embed.patch_size, "patches")
@@ -126,8 +137,10 @@ class TimmBackbone(VisionBackbone):
             self.freeze()
 
     def _patch_tokens(self, images: Tensor) -> Tensor:
+        # norm=True applies the final norm to the intermediates, here the last block's output alone
+        norm = {"norm": True} if self.final_norm else {}
         (tokens,) = self.model.forward_intermediates(
-            images, indices=[self.block_index], intermediates_only=True, output_fmt="NLC", stop_early=True
+            images, indices=[self.block_index], intermediates_only=True, output_fmt="NLC", stop_early=True, **norm
         )
         return tokens
 

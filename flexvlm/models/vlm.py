@@ -2,14 +2,19 @@
 
 | mode      | what reaches the decoder                                               | paper name      |
 |-----------|------------------------------------------------------------------------|-----------------|
-| `lr_only` | the g x g low-res tokens in the sequence                               | LLaVA-1.5       |
-| `hd`      | all G x G high-res tokens in the sequence, as ordinary tokens          | LLaVA-HD        |
+| `lr_only` | the low-res tokens in the sequence                                     | LLaVA-1.5       |
+| `hd`      | all high-res tokens in the sequence, as ordinary tokens                | LLaVA-HD        |
 | `xattn`   | low-res tokens in the sequence; layers >= N_SA attend to ALL HR tokens | LLaVA-XAttn     |
 | `flex`    | low-res tokens in the sequence; layers >= N_SA attend to selected HR   | LLaVA-FlexAttn  |
+
+What the low-res and high-res tokens are is the encoder's (``VisualEncoder``): LLaVA-1.5's g x g
+image and G x G grid of crops (``DualPathEncoder``), or an architecture's views and tiles, whose
+geometry a ``VisualLayout`` describes; in ``hd`` the sequence holds what the original model puts there.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,17 +27,17 @@ from torch import Tensor, nn
 from flexvlm import sharding
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.decoder import KVCache, LanguageModel
-from flexvlm.models.encoder import DualPathEncoder
+from flexvlm.models.encoder import DualPathEncoder, EncodedImages, VisualEncoder
 from flexvlm.models.families import preset
 from flexvlm.models.generation import generate
 from flexvlm.models.flex_attention import (
     FLEX_IMPLS, FlexAttention, HighResState, Selection, SelectingRows, cross_attention_layer, flex_layer,
-    interpolate_rope, low_res_map, mapped_layer,
+    low_res_map, mapped_layer,
 )
+from flexvlm.models.geometry import VisualLayout, high_res_rope
 from flexvlm.models.projector import build_projector
 from flexvlm.models.vision import VisionBackbone
-from flexvlm.selection import SelectionStrategy, build_selection, valid_grid
-from flexvlm.selection.base import MARGIN_RULES
+from flexvlm.selection import SelectionStrategy, build_selection
 
 MODES = ("lr_only", "hd", "xattn", "flex")
 
@@ -45,7 +50,7 @@ class MultimodalInputs:
     attention_mask: Tensor  # (B, N) long
     labels: Tensor | None  # (B, N) with IGNORE_INDEX outside the answers
     image_start: Tensor  # (B,) position of the first image token
-    lr_features: Tensor | None  # (B, g*g, C) vision tokens before the projector
+    lr_features: Tensor | None  # (B, g*g, C) vision tokens before the projector (where the encoder gives them)
     hr_features: Tensor | None  # (B, G*G, C)
     high_res: HighResState | None = None
 
@@ -57,8 +62,8 @@ class VLMOutput:
     lr_features: Tensor | None
     hr_features: Tensor | None
     selected_fraction: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> fraction of HR tokens
-    selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, G, G)
-    selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, g, g), see HighResState.maps
+    selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, H, W)
+    selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, h, w), see HighResState.maps
     # (lr_only with map_grad: the layer a flex model would select for, see FlexVLM.decode_with_maps)
     sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
     row_fraction: Tensor | None = None  # (B, R) HR fraction used per selecting row, mean over FA layers
@@ -78,7 +83,7 @@ class FlexVLM(nn.Module):
 
     def __init__(
         self,
-        backbone: VisionBackbone,
+        backbone: VisionBackbone | None = None,
         llm: str | LanguageModel = "tiny",
         llm_overrides: dict | None = None,
         mode: str = "flex",
@@ -92,11 +97,15 @@ class FlexVLM(nn.Module):
         pretrained: WeightLoader | None = None,
         flex_impl: str = "fused",
         margin_rule: str = "centre",
+        encoder: VisualEncoder | None = None,
     ) -> None:
-        """``llm``: the decoder, any family's ``LanguageModel`` (in a YAML by ``class_path`` and
+        """``backbone``: the vision tower of LLaVA-1.5's geometry, which ``zoom``, ``high_res_path``,
+        ``high_res_grad`` and ``margin_rule`` complete (``DualPathEncoder``); or, instead of all of them,
+        ``encoder``: an architecture's ``VisualEncoder`` (``flexvlm.architectures``).
+        ``llm``: the decoder, any family's ``LanguageModel`` (in a YAML by ``class_path`` and
         ``init_args``, as the backbone), or the name of a preset (``flexvlm.models.families``), whose
-        fields ``llm_overrides`` changes. ``projector``: a module from the tower's width to the
-        decoder's, or the name of one (``flexvlm.models.projector.build_projector``, LLaVA's layouts).
+        fields ``llm_overrides`` changes. ``projector``: a module from the tower's features to the
+        decoder's width, or the name of one (``flexvlm.models.projector.build_projector``, LLaVA's layouts).
         ``num_sa_layers`` (N_SA) plain layers come first; the remaining N_FA are FlexAttention layers
         (default: the release's 9 of 32, scaled; 0 for ``xattn``, where every layer cross-attends);
         ``flex`` and ``xattn`` need at least one layer after them.
@@ -116,8 +125,6 @@ class FlexVLM(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
         if flex_impl not in FLEX_IMPLS:
             raise ValueError(f"unknown flex_impl {flex_impl!r}; valid: {list(FLEX_IMPLS)}")
-        if margin_rule not in MARGIN_RULES:
-            raise ValueError(f"unknown margin_rule {margin_rule!r}; valid: {list(MARGIN_RULES)}")
         self.mode, self.flex_impl, self.margin_rule = mode, flex_impl, margin_rule
         if isinstance(llm, str):
             family, self.config = preset(llm, **(llm_overrides or {}))
@@ -125,9 +132,10 @@ class FlexVLM(nn.Module):
             raise ValueError("llm_overrides changes a preset's fields; a decoder object has its own config")
         else:
             family, self.config = None, llm.config
-        self.encoder = DualPathEncoder(backbone, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad)
+        self.encoder = _encoder(backbone, encoder, zoom=zoom, high_res_path=high_res_path, high_res_grad=high_res_grad,
+                                margin_rule=margin_rule)
         self.projector = (projector if isinstance(projector, nn.Module)
-                          else build_projector(projector, backbone.embed_dim, self.config.hidden_size))
+                          else build_projector(projector, self.encoder.feature_dim, self.config.hidden_size))
         # a preset's decoder is built after the projector, so that a seed keeps giving the same weights
         self.llm = llm if family is None else family(self.config)
         self.llm.gradient_checkpointing = gradient_checkpointing
@@ -219,48 +227,56 @@ class FlexVLM(nn.Module):
         return list(range(self.num_sa_layers, self.config.num_layers)) if self.uses_high_res_attention else []
 
     @property
-    def image_size(self) -> int:
-        return self.encoder.high_res_size
+    def image_size(self) -> int | None:
+        """The side of the square images the model takes; None when its architecture's preprocessing
+        sizes them."""
+        return self.encoder.input_size
 
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        images: Tensor,
+        images: Any,
         content_box: Tensor | None = None,
         labels: Tensor | None = None,
         alpha: float = 1.0,
         high_res_kv: str = "lazy",
         map_grad: bool = False,
     ) -> MultimodalInputs:
-        """Encode the images and splice their tokens in place of each row's single ``<image>`` id.
-        ``high_res_kv`` (``lazy`` / ``prefill``): how a generation projects HR K/V; ``map_grad``: the
-        selecting maps keep their gradient (see HighResState)."""
-        lr_features = self.encoder.encode_low_res(images) if self.mode != "hd" else None
-        hr_features = self.encoder.encode_high_res(images) if self.mode != "lr_only" else None
-        in_sequence = self.projector(hr_features if self.mode == "hd" else lr_features)
-        embeds, mask, labels, image_start = self._splice(input_ids, attention_mask, labels, in_sequence)
-        inputs = MultimodalInputs(embeds, mask, labels, image_start, lr_features, hr_features)
+        """Encode the images (a tensor, or the architecture's image batch) and splice their tokens in
+        place of each row's image placeholders. ``high_res_kv`` (``lazy`` / ``prefill``): how a
+        generation projects HR K/V; ``map_grad``: the selecting maps keep their gradient (see
+        HighResState)."""
+        encoded = self.encoder.encode(images, self.projector, self.mode, content_box)
+        embeds, mask, labels, image_start = self._splice(input_ids, attention_mask, labels, encoded)
+        inputs = MultimodalInputs(embeds, mask, labels, image_start, encoded.lr_features, encoded.hr_features)
         if self.uses_high_res_attention:
-            if content_box is None:
-                content_box = images.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(images.shape[0], 4)
-            inputs.high_res = self._high_res_state(inputs, self.projector(hr_features), content_box, alpha,
-                                                   high_res_kv, map_grad)
+            inputs.high_res = self._high_res_state(inputs, encoded.high_res, encoded.layout, alpha, high_res_kv,
+                                                   map_grad)
         return inputs
 
     def _splice(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None, image_embeds: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None, encoded: EncodedImages
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """The image tokens in place of the placeholders: one placeholder per image token (an
+        architecture's processor expanded them), or one per row that its image's tokens replace
+        (LLaVA-1.5's prompt). -> (embeds, attention mask, labels, position of each row's first image token)."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
-        counts = is_image.sum(-1)
-        if not bool((counts == 1).all()):
-            raise ValueError(f"every row needs exactly one image placeholder ({IMAGE_TOKEN_INDEX}); "
-                             f"counts per row: {counts.tolist()}")
-        b, t = input_ids.shape
-        n_img = image_embeds.shape[1]
+        found = is_image.sum(-1)
+        tokens = encoded.in_sequence
+        n_img = tokens.shape[1]
+        counts = encoded.counts if encoded.counts is not None else found.new_full(found.shape, n_img)
         image_start = is_image.long().argmax(-1)
         text_embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
+        if bool((found == counts).all()):
+            real = torch.arange(n_img, device=tokens.device) < counts[:, None]
+            embeds = text_embeds.masked_scatter(is_image[..., None], tokens[real].to(text_embeds.dtype))
+            return embeds, attention_mask, labels, image_start
+        if not bool((found == 1).all()) or encoded.counts is not None:
+            raise ValueError(f"every row needs exactly one image placeholder ({IMAGE_TOKEN_INDEX}), or one per image token "
+                             f"({counts.tolist()}); found per row: {found.tolist()}")
+        b, t = input_ids.shape
         # text token j goes to j (before the image) or j + n_img - 1 (after it)
         positions = torch.arange(t, device=input_ids.device).expand(b, t)
         target = positions + (positions > image_start[:, None]) * (n_img - 1)
@@ -272,27 +288,28 @@ class FlexVLM(nn.Module):
         bi_img = torch.arange(b, device=input_ids.device)[:, None].expand(b, n_img)
 
         embeds = text_embeds.new_zeros(b, n, text_embeds.shape[-1])
-        embeds = embeds.index_put((bi, ti), text_embeds[keep]).index_put((bi_img, image_pos), image_embeds.to(embeds.dtype))
+        embeds = embeds.index_put((bi, ti), text_embeds[keep]).index_put((bi_img, image_pos), tokens.to(embeds.dtype))
         mask = attention_mask.new_ones(b, n).index_put((bi, ti), attention_mask[keep])
         if labels is not None:
             labels = labels.new_full((b, n), IGNORE_INDEX).index_put((bi, ti), labels[keep])
         return embeds, mask, labels, image_start
 
+    def _lr_index(self, image_start: Tensor) -> Tensor:
+        """(B, h*w) sequence positions of the low-res grid's tokens."""
+        h, w = self.encoder.lr_shape
+        return image_start[:, None] + torch.arange(h * w, device=image_start.device)
+
     def _high_res_state(
-        self, inputs: MultimodalInputs, hr_tokens: Tensor, content_box: Tensor, alpha: float, kv_mode: str,
+        self, inputs: MultimodalInputs, hr_tokens: Tensor, layout: VisualLayout, alpha: float, kv_mode: str,
         map_grad: bool,
     ) -> HighResState:
-        g, hr_grid = self.encoder.lr_grid, self.encoder.hr_grid
         b, n = inputs.attention_mask.shape
-        lr_index = inputs.image_start[:, None] + torch.arange(g * g, device=hr_tokens.device)
+        lr_index = self._lr_index(inputs.image_start)
         positions = self.llm.position_ids(inputs.attention_mask, b, n, 0, hr_tokens.device)
         cos, sin = self.llm.rope(positions.gather(1, lr_index), hr_tokens.dtype)
-        hr_cos, hr_sin = interpolate_rope(cos, sin, g, hr_grid)
-        return HighResState(
-            hr_tokens, hr_cos, hr_sin, lr_index, valid_grid(content_box, g, self.margin_rule),
-            valid_grid(content_box, hr_grid),
-            self.selection, dense=self.mode == "xattn", alpha=alpha, kv_mode=kv_mode, map_grad=map_grad,
-        )
+        hr_cos, hr_sin = high_res_rope(cos, sin, layout)
+        return HighResState(hr_tokens, hr_cos, hr_sin, lr_index, layout, self.selection, dense=self.mode == "xattn",
+                            alpha=alpha, kv_mode=kv_mode, map_grad=map_grad)
 
     # -- forward --------------------------------------------------------------------------------
     def decode(
@@ -329,17 +346,17 @@ class FlexVLM(nn.Module):
         returns where the rows in ``row_mask`` look: the low-res maps of the layers that would select
         in flex mode (N_SA - 1 to L - 2), keyed like ``HighResState.maps`` by the layer they would
         select for, with their gradient. -> (hidden states after the final norm, maps)."""
-        llm, g = self.llm, self.encoder.lr_grid
+        llm = self.llm
         attn_inputs = llm.attention_inputs(inputs.embeds, inputs.attention_mask, None)
         rows = SelectingRows.from_mask(row_mask, attn_inputs)
-        lr_index = inputs.image_start[:, None] + torch.arange(g * g, device=row_mask.device)
+        lr_index = self._lr_index(inputs.image_start)
         mapped = range(max(self.num_sa_layers - 1, 0), len(llm.layers) - 1)
         x, maps = inputs.embeds, {}
         for i, layer in enumerate(llm.layers):
             if i in mapped:
                 variant = partial(mapped_layer, rows=rows, map_grad=True)
                 x, probs = llm.checkpointed(layer, x, attn_inputs, None, variant)
-                maps[i + 1] = low_res_map(probs, lr_index, g)
+                maps[i + 1] = low_res_map(probs, lr_index, self.encoder.lr_shape)
             else:
                 x = llm.checkpointed(layer, x, attn_inputs, None)
         return llm.final_norm(x), maps
@@ -348,7 +365,7 @@ class FlexVLM(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        images: Tensor,
+        images: Any,
         content_box: Tensor | None = None,
         labels: Tensor | None = None,
         alpha: float = 1.0,
@@ -391,3 +408,17 @@ class FlexVLM(nn.Module):
         row_mask[:, -1] = True
         hidden = self.decode(embeds, attention_mask, row_mask, high_res, cache)
         return self.llm.logits(hidden[:, -1:])
+
+
+def _encoder(backbone: VisionBackbone | None, encoder: VisualEncoder | None, **dual_path: Any) -> VisualEncoder:
+    """The given encoder, or LLaVA-1.5's dual path around ``backbone``."""
+    if (backbone is None) == (encoder is None):
+        raise ValueError("give a vision backbone (LLaVA-1.5's geometry) or an architecture's encoder, exactly one")
+    if encoder is None:
+        return DualPathEncoder(backbone, **dual_path)
+    defaults = inspect.signature(FlexVLM.__init__).parameters
+    changed = [k for k, v in dual_path.items() if v != defaults[k].default]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} belong to a backbone's dual path; {type(encoder).__name__} has its "
+                         f"own geometry")
+    return encoder

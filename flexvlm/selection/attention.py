@@ -30,12 +30,13 @@ class AttentionSelection(BlockSelection):
 
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
         scores = attn_map * ctx.lr_valid.unsqueeze(1)
-        b, r, g, _ = scores.shape
+        b, r, h, w = scores.shape
+        blocks = block_valid.shape[-2:]
         if self.budget is not None:  # a ranking: the per-row min-max normalisation would not change it
-            pooled = F.adaptive_max_pool2d(scores.view(b * r, g, g), self.blocks(ctx))
-            return self.budget.keep_best(pooled.view(b, r, *block_valid.shape[-2:]), block_valid, ctx)
+            pooled = F.adaptive_max_pool2d(scores.view(b * r, h, w), blocks)
+            return self.budget.keep_best(pooled.view(b, r, *blocks), block_valid, ctx)
         low = scores.amin(dim=(-1, -2), keepdim=True)
         high = scores.amax(dim=(-1, -2), keepdim=True)
         scores = (scores - low) / (high - low).clamp(min=1e-12)
-        pooled = F.adaptive_max_pool2d(scores.view(b * r, g, g), self.blocks(ctx)).view(b, r, *block_valid.shape[-2:])
+        pooled = F.adaptive_max_pool2d(scores.view(b * r, h, w), blocks).view(b, r, *blocks)
         return pooled * 255 > self.threshold

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexvlm.models.geometry import Shape, VisualLayout, uniform_cells
 from flexvlm.registry import Registry
 
 SELECTION: Registry["SelectionStrategy"] = Registry("selection strategy", group="flexvlm.selection")
@@ -23,14 +24,43 @@ SELECTION: Registry["SelectionStrategy"] = Registry("selection strategy", group=
 
 @dataclass
 class SelectionContext:
-    lr_grid: int  # g: the low-res image is g x g tokens
-    hr_grid: int  # G = zoom * g: the high-res image is G x G tokens
-    lr_valid: Tensor  # (B, g, g) bool: cell shows the image, not the square-padding border
-    hr_valid: Tensor  # (B, G, G) bool: the same on the high-res grid
+    """What a strategy may read besides the map: the batch's geometry and the layer it selects for."""
+
+    layout: VisualLayout  # the grids, which low-res cell covers which high-res token, the margins
     layer: int  # index of the decoder layer the selection is for
     # what depends on the images only, computed once per generation instead of at every layer and
     # step; shared by the contexts of one image batch (dataclasses.replace keeps the same dict)
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def lr_shape(self) -> Shape:
+        """(h, w): the low-res grid the map covers."""
+        return self.layout.lr_shape
+
+    @property
+    def hr_shape(self) -> Shape:
+        """(H, W): the high-res canvas a selection mask covers."""
+        return self.layout.hr_shape
+
+    @property
+    def lr_grid(self) -> int:
+        """g, the side of a square low-res grid (LLaVA-1.5's g x g); use ``lr_shape`` for any grid."""
+        return _side(self.lr_shape, "low-res", "lr_shape")
+
+    @property
+    def hr_grid(self) -> int:
+        """G, the side of a square high-res grid (LLaVA-1.5's G x G); use ``hr_shape`` for any grid."""
+        return _side(self.hr_shape, "high-res", "hr_shape")
+
+    @property
+    def lr_valid(self) -> Tensor:
+        """(B, h, w) bool: low-res cells that show the image, not padding."""
+        return self.layout.lr_valid
+
+    @property
+    def hr_valid(self) -> Tensor:
+        """(B, H, W) bool: the same on the high-res canvas."""
+        return self.layout.hr_valid
 
     def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()``, once per image batch and ``key`` (for results that depend on the images
@@ -39,9 +69,41 @@ class SelectionContext:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def block_valid(self, blocks: int) -> Tensor:
-        """(B, b, b) bool: blocks of a b x b grid that hold at least one high-res token of the image."""
-        return self.memo(("block_valid", blocks), lambda: F.adaptive_max_pool2d(self.hr_valid.float(), blocks) > 0)
+    def block_index(self, blocks: Shape) -> Tensor:
+        """(B, H, W) int64: the block of a (bh, bw) block grid each high-res token falls in, -1 off the
+        sample's grid. The low-res grid's blocks are its cells (``layout.hr_cell``); other block
+        grids are laid evenly over each sample's high-res grid."""
+        if tuple(blocks) == self.lr_shape:
+            return self.layout.hr_cell
+        return self.memo(("block_index", blocks),
+                         lambda: uniform_cells(self.layout.hr_sizes, self.hr_shape, blocks))
+
+    def block_valid(self, blocks: Shape) -> Tensor:
+        """(B, bh, bw) bool: blocks that hold at least one high-res token of the image."""
+        return self.memo(("block_valid", blocks), lambda: self._block_valid(blocks))
+
+    def _block_valid(self, blocks: Shape) -> Tensor:
+        index = self.block_index(blocks).flatten(1)
+        count = blocks[0] * blocks[1]
+        # off-grid tokens (-1) go to one extra slot, dropped after
+        slot = index.masked_fill(index < 0, count)
+        valid = self.hr_valid.flatten(1)
+        held = valid.new_zeros(valid.shape[0], count + 1).scatter_reduce(1, slot, valid, "amax")
+        return held[:, :count].view(-1, *blocks)
+
+    def expand_blocks(self, blocks: Tensor) -> Tensor:
+        """(B, R, bh, bw) bool per block -> (B, R, H, W) bool per high-res token."""
+        b, r, bh, bw = blocks.shape
+        index = self.block_index((bh, bw)).flatten(1)
+        flat = F.pad(blocks.flatten(2), (0, 1), value=False)  # slot bh * bw: off the grid, never selected
+        slot = index.masked_fill(index < 0, bh * bw)
+        return flat.gather(-1, slot[:, None].expand(b, r, -1)).view(b, r, *self.hr_shape)
+
+
+def _side(shape: Shape, what: str, name: str) -> int:
+    if shape[0] != shape[1]:
+        raise ValueError(f"the {what} grid is {shape[0]} x {shape[1]}, not square: read ctx.{name}")
+    return shape[0]
 
 
 class SelectionStrategy(ABC):
@@ -73,13 +135,13 @@ class SelectionStrategy(ABC):
 
     @abstractmethod
     def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
-        """attn_map: (B, R, g, g) head-summed post-softmax attention of R query rows per sample over
-        the low-res image tokens (detached). Returns (B, R, G, G) bool: the high-res tokens each row
-        attends to."""
+        """attn_map: (B, R, h, w) head-summed post-softmax attention of R query rows per sample over
+        the low-res image tokens (detached). Returns (B, R, H, W) bool over the high-res canvas
+        (``ctx.hr_shape``): the high-res tokens each row attends to."""
 
     def __call__(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
         mask = self.select(attn_map, ctx)
-        expected = (*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid)
+        expected = (*attn_map.shape[:2], *ctx.hr_shape)
         if mask.shape != expected or mask.dtype != torch.bool:
             raise ValueError(f"{type(self).__name__}.select returned {tuple(mask.shape)} {mask.dtype}, "
                              f"expected {expected} torch.bool")
@@ -108,23 +170,17 @@ class BlockSelection(SelectionStrategy):
     def clip(self, mask: Tensor, ctx: SelectionContext) -> Tensor:
         return mask if self.whole_blocks else super().clip(mask, ctx)
 
-    def blocks(self, ctx: SelectionContext) -> int:
-        return self.block_grid or ctx.lr_grid
+    def blocks(self, ctx: SelectionContext) -> Shape:
+        """(bh, bw): the block grid, the low-res grid unless ``block_grid`` is set."""
+        return (self.block_grid, self.block_grid) if self.block_grid else ctx.lr_shape
 
     @abstractmethod
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
-        """(B, R, b, b) bool block mask."""
+        """(B, R, bh, bw) bool block mask."""
 
     def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
         block_valid = ctx.block_valid(self.blocks(ctx))
-        blocks = self.select_blocks(attn_map, block_valid, ctx) & block_valid.unsqueeze(1)
-        b, r, n, _ = blocks.shape
-        size = ctx.hr_grid
-        if size % n == 0:  # whole blocks of f x f tokens: one expanding copy
-            f = size // n
-            return blocks[:, :, :, None, :, None].expand(b, r, n, f, n, f).reshape(b, r, size, size)
-        hr = F.interpolate(blocks.flatten(0, 1).unsqueeze(1).float(), size=(size, size), mode="nearest")
-        return hr.view(b, r, size, size) > 0
+        return ctx.expand_blocks(self.select_blocks(attn_map, block_valid, ctx) & block_valid.unsqueeze(1))
 
 
 class Budget:
@@ -150,7 +206,7 @@ class Budget:
         """(B, R, b, b) scores -> bool mask of each row's best ``count`` valid blocks."""
         flat = scores.flatten(2).masked_fill(~block_valid.flatten(1).unsqueeze(1), float("-inf"))
         # which ranks each sample keeps depends on the image only: worked out once per image batch
-        keep = ctx.memo(("budget", self.ratio, self.top_k, block_valid.shape[-1]), lambda: self._ranks_kept(block_valid))
+        keep = ctx.memo(("budget", self.ratio, self.top_k, block_valid.shape[-2:]), lambda: self._ranks_kept(block_valid))
         best = flat.topk(keep.shape[-1], dim=-1).indices
         return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, best, keep.expand_as(best)).view_as(scores)
 
@@ -165,7 +221,7 @@ MARGIN_RULES = ("centre", "release")
 
 def valid_grid(content_box: Tensor, grid: int, rule: str = "centre") -> Tensor:
     """(B, 4) content boxes (top, left, bottom, right as fractions of the padded square) -> (B, grid,
-    grid) bool: the cells that are not padding border.
+    grid) bool (LLaVA-1.5's square padding): the cells that are not padding border.
 
     ``centre``: a row / column of cells is border when its centre lies in the padding, so a cell
     that is mostly image stays selectable. ``release``: the authors' release, which marks

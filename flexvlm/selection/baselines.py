@@ -26,8 +26,7 @@ class RandomSelection(BlockSelection):
             self.generator.manual_seed(seed)
 
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
-        b = self.blocks(ctx)
-        scores = torch.rand((*attn_map.shape[:2], b, b), generator=self.generator).to(attn_map.device)
+        scores = torch.rand((*attn_map.shape[:2], *self.blocks(ctx)), generator=self.generator).to(attn_map.device)
         return self.budget.keep_best(scores, block_valid, ctx)
 
 
@@ -47,16 +46,16 @@ class CenterSelection(BlockSelection):
         return chosen.unsqueeze(1).expand(-1, attn_map.shape[1], -1, -1)
 
     def _central_blocks(self, block_valid: Tensor, ctx: SelectionContext) -> Tensor:
-        """(B, b, b) valid blocks -> (B, b, b) bool: the budget's blocks closest to their centre."""
-        b = block_valid.shape[-1]
-        coords = torch.arange(b, device=block_valid.device, dtype=torch.float32) + 0.5
+        """(B, bh, bw) valid blocks -> (B, bh, bw) bool: the budget's blocks closest to their centre."""
+        bh, bw = block_valid.shape[-2:]
+        ys, xs = (torch.arange(n, device=block_valid.device, dtype=torch.float32) + 0.5 for n in (bh, bw))
         weights = block_valid.float()
         total = weights.sum(dim=(-1, -2)).clamp(min=1)
-        cy = (weights.sum(-1) * coords).sum(-1) / total  # centre of the valid blocks, per sample
-        cx = (weights.sum(-2) * coords).sum(-1) / total
-        dist = (coords.view(1, b, 1) - cy.view(-1, 1, 1)) ** 2 + (coords.view(1, 1, b) - cx.view(-1, 1, 1)) ** 2
+        cy = (weights.sum(-1) * ys).sum(-1) / total  # centre of the valid blocks, per sample
+        cx = (weights.sum(-2) * xs).sum(-1) / total
+        dist = (ys.view(1, bh, 1) - cy.view(-1, 1, 1)) ** 2 + (xs.view(1, 1, bw) - cx.view(-1, 1, 1)) ** 2
         # a tiny row-major tie-break keeps the choice deterministic among equidistant blocks
-        tie = torch.arange(b * b, device=dist.device).view(b, b) * 1e-6
+        tie = torch.arange(bh * bw, device=dist.device).view(bh, bw) * 1e-6
         return self.budget.keep_best(-(dist + tie).unsqueeze(1), block_valid, ctx)[:, 0]
 
 
@@ -73,4 +72,4 @@ class NoSelection(SelectionStrategy):
     """No high-res token: FlexAttention layers reduce to plain self-attention."""
 
     def select(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor:
-        return torch.zeros(*attn_map.shape[:2], ctx.hr_grid, ctx.hr_grid, dtype=torch.bool, device=attn_map.device)
+        return torch.zeros(*attn_map.shape[:2], *ctx.hr_shape, dtype=torch.bool, device=attn_map.device)

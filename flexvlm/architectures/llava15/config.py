@@ -13,7 +13,7 @@ from flexvlm.architectures.llava15.weights import PretrainedWeights
 from flexvlm.models.clip import clip_backbone_from_hf
 from flexvlm.models.families import decoder_config_from_hf
 from flexvlm.selection import SELECTION, AttentionSelection, RandomSelection, SelectionStrategy
-from flexvlm.weights import raise_mismatches, read_config
+from flexvlm.weights import raise_mismatches, read_config, read_model_config
 
 # config.json model_types of LLaVA-1.5: llava-hf's and the original code's (LLaMA and Qwen2 decoders)
 MODEL_TYPES = ("llava", "llava_llama", "llava_qwen")
@@ -85,16 +85,6 @@ def exported_arguments(saved: dict) -> dict[str, Any]:
     return arguments
 
 
-def _llava_config(folder: Path) -> dict:
-    """The folder's config.json, which the model is built from."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    config = read_config(folder)
-    if not config:
-        raise FileNotFoundError(f"no config.json in {folder}: the model is built from it")
-    return config
-
-
 def _is_llava_hf(config: dict) -> bool:
     """llava-hf nests its decoder's and its tower's configs; the original layout is LLaMA's config
     plus `mm_*` keys."""
@@ -153,7 +143,7 @@ def arguments_from_llava(
     any other FlexVLM arguments (`mode`, ...), `llm_overrides` changing single decoder settings."""
     folder = Path(checkpoint)
     source = str(folder)
-    config = _llava_config(folder)
+    config = read_model_config(folder)
     family, llm = decoder_config_from_hf(config.get("text_config", config), source)
     tower, tower_config = _vision_tower(folder, config, vision)
     feature_key = "vision_feature_layer" if _is_llava_hf(config) else "mm_vision_select_layer"

@@ -30,6 +30,8 @@ from flexvlm.data.tokenizer import Tokenizer
 
 Size = tuple[int, int]  # (height, width)
 
+LOW_RES_MODES = ("lr_only", "xattn", "flex")  # FlexVLM's modes whose sequence holds the base view alone
+
 # PIL resampling codes, as saved, -> torchvision modes (transformers' mapping); the checkpoint's is 3
 RESAMPLE = {2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
 IMAGE_PROCESSORS = ("LlavaOnevisionImageProcessor", "LlavaOnevisionImageProcessorFast")  # 5.x, 4.x torchvision
@@ -160,6 +162,16 @@ class OneVisionLayout:
         """The image's packed features: the `<image>` tokens transformers' processor puts in the prompt."""
         h, w = self.feature_grid
         return self.num_base_tokens + h * (w + 1)
+
+    def tokens_in_sequence(self, mode: str = "hd") -> int:
+        """The image's tokens in a FlexVLM prompt of ``mode``: ``hd`` all of them (``num_tokens``, as
+        transformers' processor); ``lr_only``, ``xattn``, ``flex`` the base view's g * g and one
+        image_newline (the grid's tokens are high-res tokens beside the sequence, or absent)."""
+        if mode == "hd":
+            return self.num_tokens
+        if mode in LOW_RES_MODES:
+            return self.num_base_tokens + 1
+        raise ValueError(f"unknown mode {mode!r}; valid: hd, {', '.join(LOW_RES_MODES)}")
 
 
 def best_resolution(image_size: Size, pinpoints: Sequence[Size]) -> Size:
@@ -302,14 +314,17 @@ class OneVisionBatch:
 
 
 def batch_inputs(images: Sequence[Image.Image | torch.Tensor], prompts: Sequence[str], tokenizer: Tokenizer,
-                 settings: OneVisionProcessing, padding_side: str = "right") -> OneVisionBatch:
+                 settings: OneVisionProcessing, padding_side: str = "right", mode: str = "hd") -> OneVisionBatch:
     """(image, prompt) pairs, one `<image>` in each prompt, -> a batch as transformers' processor
-    makes it. The tokenizer is flexvlm's (`<image>` -> IMAGE_TOKEN_INDEX, no special tokens added)."""
+    makes it (``mode`` ``hd``; the other modes of FlexVLM hold fewer image tokens, see
+    ``OneVisionLayout.tokens_in_sequence``). The tokenizer is flexvlm's (`<image>` ->
+    IMAGE_TOKEN_INDEX, no special tokens added); the image tokens are ``settings.image_token_id``, as
+    transformers' (``flexvlm_input_ids`` turns them into FlexVLM's placeholder)."""
     if len(images) != len(prompts) or padding_side not in ("left", "right"):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts, padding_side {padding_side!r}")
     if settings.image_token_id is None:
         raise ValueError("settings.image_token_id is unset: the prompt cannot name the image tokens")
-    views, layouts, rows = zip(*(_sample(image, prompt, tokenizer, settings)
+    views, layouts, rows = zip(*(_sample(image, prompt, tokenizer, settings, mode)
                                  for image, prompt in zip(images, prompts)))
     length, most_views = max(map(len, rows)), max(v.shape[0] for v in views)
     input_ids = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
@@ -324,10 +339,10 @@ def batch_inputs(images: Sequence[Image.Image | torch.Tensor], prompts: Sequence
     return OneVisionBatch(input_ids, attention_mask, pixel_values, image_sizes, list(layouts))
 
 
-def _sample(image, prompt: str, tokenizer: Tokenizer, settings: OneVisionProcessing):
+def _sample(image, prompt: str, tokenizer: Tokenizer, settings: OneVisionProcessing, mode: str):
     ids = tokenizer.encode(prompt)
     if ids.count(IMAGE_TOKEN_INDEX) != 1:
         # several images in a prompt: transformers tiles them or not by how the images are nested; not here
         raise ValueError(f"a prompt needs exactly one <image>, found {ids.count(IMAGE_TOKEN_INDEX)}: {prompt!r}")
     views, layout = preprocess_image(image, settings)
-    return views, layout, expand_image_tokens(ids, [layout.num_tokens], settings.image_token_id)
+    return views, layout, expand_image_tokens(ids, [layout.tokens_in_sequence(mode)], settings.image_token_id)

@@ -17,7 +17,7 @@ Every resize runs on uint8, antialiased (Lanczos by default, which torchvision h
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +142,11 @@ class ImageBatch:
     pixel_attention_mask: Tensor  # (B, most views, tile, tile) int64: 1 on a real view, 0 on padding
     layouts: list[list[ImageLayout]]  # per sample, per image
 
+    def to(self, *args, **kwargs) -> "ImageBatch":
+        """The tensors moved as ``Tensor.to`` moves them (how Lightning moves a batch to its device)."""
+        return replace(self, pixel_values=self.pixel_values.to(*args, **kwargs),
+                       pixel_attention_mask=self.pixel_attention_mask.to(*args, **kwargs))
+
 
 def split_image(image: ImageLike, processing: SmolVLMProcessing) -> SplitImage:
     """An image (PIL, or a (3, H, W) uint8 tensor) as its normalised views and their layout."""
@@ -168,11 +173,20 @@ def split_image(image: ImageLike, processing: SmolVLMProcessing) -> SplitImage:
 def batch_images(samples: Sequence[ImageLike | Sequence[ImageLike]], processing: SmolVLMProcessing) -> ImageBatch:
     """Each sample's images (one image or a list, maybe empty), their views concatenated in order, zero-padded
     to the batch's largest number of views, as transformers' processor batches them."""
-    splits = [[split_image(im, processing) for im in (s if isinstance(s, (list, tuple)) else [s])] for s in samples]
+    return collate([[split_image(im, processing) for im in (s if isinstance(s, (list, tuple)) else [s])]
+                    for s in samples])
+
+
+def collate(splits: Sequence[Sequence[SplitImage]]) -> ImageBatch:
+    """Each sample's split images (maybe none), their views concatenated in order, zero-padded to the batch's
+    largest number of views (``batch_images``, for images split already, maybe with different settings)."""
     num_views = [sum(split.layout.num_views for split in sample) for sample in splits]
     if not num_views or max(num_views) == 0:
         raise ValueError("batch_images: the batch holds no image")
-    tile = processing.tile_size
+    tiles = {split.layout.tile_size for sample in splits for split in sample}
+    if len(tiles) != 1:
+        raise ValueError(f"the views of one batch must share one tile size, got {sorted(tiles)}")
+    (tile,) = tiles
     pixel_values = torch.zeros(len(splits), max(num_views), 3, tile, tile)
     pixel_attention_mask = torch.zeros(len(splits), max(num_views), tile, tile, dtype=torch.int64)
     for i, sample in enumerate(splits):
@@ -182,14 +196,16 @@ def batch_images(samples: Sequence[ImageLike | Sequence[ImageLike]], processing:
     return ImageBatch(pixel_values, pixel_attention_mask, [[split.layout for split in sample] for sample in splits])
 
 
-def image_prompt(layout: ImageLayout, processing: SmolVLMProcessing) -> str:
+def image_prompt(layout: ImageLayout, processing: SmolVLMProcessing, global_only: bool = False) -> str:
     """The text one `<image>` becomes (the same for SmolVLM and Idefics3): per tile, the fake token,
     `<row_r_col_c>` (1-based) and image_seq_len image tokens, a newline after each row of tiles; then, after one
-    more newline when split, the global view's tokens between two fake tokens."""
+    more newline when split, the global view's tokens between two fake tokens. ``global_only``: the global view's
+    part alone, what transformers makes of an image that is its own only view (the prompt of FlexVLM's modes other
+    than ``hd``, whose sequence holds the global view only)."""
     p = processing
     image_tokens = p.image_token * p.image_seq_len
     global_view = f"{p.fake_image_token}{p.global_image_token}{image_tokens}{p.fake_image_token}"
-    if layout.rows == 0:
+    if layout.rows == 0 or global_only:
         return global_view
     tile_rows = (
         "".join(f"{p.fake_image_token}<row_{r + 1}_col_{c + 1}>{image_tokens}" for c in range(layout.cols)) + "\n"
@@ -198,23 +214,26 @@ def image_prompt(layout: ImageLayout, processing: SmolVLMProcessing) -> str:
     return "".join(tile_rows) + "\n" + global_view
 
 
-def expand_prompt(text: str, layouts: Sequence[ImageLayout], processing: SmolVLMProcessing) -> str:
-    """`text` with its k-th `<image>` replaced by the k-th image's tokens."""
+def expand_prompt(text: str, layouts: Sequence[ImageLayout], processing: SmolVLMProcessing,
+                  global_only: bool = False) -> str:
+    """`text` with its k-th `<image>` replaced by the k-th image's tokens (``global_only``: see ``image_prompt``)."""
     pieces = text.split(processing.image_token)
     if len(pieces) - 1 != len(layouts):
         raise ValueError(f"the text holds {len(pieces) - 1} {processing.image_token} but {len(layouts)} images")
     expanded = [pieces[0]]
     for layout, piece in zip(layouts, pieces[1:]):
-        expanded += [image_prompt(layout, processing), piece]
+        expanded += [image_prompt(layout, processing, global_only), piece]
     return "".join(expanded)
 
 
 def prompt_ids(
-    text: str, layouts: Sequence[ImageLayout], processing: SmolVLMProcessing, tokenizer: tokenizers.Tokenizer
+    text: str, layouts: Sequence[ImageLayout], processing: SmolVLMProcessing, tokenizer: tokenizers.Tokenizer,
+    global_only: bool = False,
 ) -> list[int]:
     """Token ids of the expanded prompt, with the special tokens the tokenizer adds itself (Idefics3's Llama 3
-    tokenizer a BOS, SmolVLM's none), as transformers' processor encodes it."""
-    return tokenizer.encode(expand_prompt(text, layouts, processing)).ids
+    tokenizer a BOS, SmolVLM's none), as transformers' processor encodes it. ``global_only``: the prompt of
+    FlexVLM's modes other than ``hd`` (``image_prompt``)."""
+    return tokenizer.encode(expand_prompt(text, layouts, processing, global_only)).ids
 
 
 def _read_json(path: Path) -> dict:
