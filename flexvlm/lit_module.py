@@ -55,6 +55,20 @@ def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
     return SequenceLimits(model.config.vocab_size, max_length, max_length - max_new_tokens)
 
 
+def fit_data_to_model(datamodule: Any, model: FlexVLM, max_new_tokens: int) -> None:
+    """What the data must give ``model`` from here on: ids it takes, sequences it holds, and images as
+    its architecture preprocesses them (its encoder's image processor) or, for LLaVA-1.5's square
+    images, of the size it takes."""
+    processor = model.encoder.image_processor(model.mode)
+    if hasattr(datamodule, "fit_to_model"):
+        datamodule.fit_to_model(sequence_limits(model, max_new_tokens), processor)
+    size = getattr(datamodule, "hparams", {}).get("image_size")
+    if processor is None and size is not None and size != model.image_size:  # linked where the config allows (flexvlm.cli)
+        raise ValueError(f"the data's images are {size} px (data.init_args.image_size), the model takes "
+                         f"{model.image_size} (its zoom x its backbone's side): set data.init_args.image_size "
+                         f"to {model.image_size}")
+
+
 class FlexVLMModule(L.LightningModule):
     def __init__(
         self,
@@ -266,14 +280,7 @@ class FlexVLMModule(L.LightningModule):
         protocol = getattr(datamodule, "protocol", None)
         if protocol is not None:
             self.protocol = protocol  # a submodule from here on, so the strategy moves its metric
-        processor = self.model.encoder.image_processor(self.model.mode)
-        if hasattr(datamodule, "fit_to_model"):
-            datamodule.fit_to_model(sequence_limits(self.model, self.hparams.max_new_tokens), processor)
-        size = getattr(datamodule, "hparams", {}).get("image_size")
-        if processor is None and size is not None and size != self.model.image_size:  # linked where the config allows (flexvlm.cli)
-            raise ValueError(f"the data's images are {size} px (data.init_args.image_size), the model takes "
-                             f"{self.model.image_size} (its zoom x its backbone's side): set data.init_args.image_size "
-                             f"to {self.model.image_size}")
+        fit_data_to_model(datamodule, self.model, self.hparams.max_new_tokens)
         # the logger's folder, asked here where every process is (a broadcast from process 0 in DDP)
         folder = self._folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if stage == "fit":

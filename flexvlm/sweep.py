@@ -57,6 +57,7 @@ from jsonargparse import Namespace
 
 from flexvlm.cli import FlexVLMCLI, build
 from flexvlm.flops import generation_flops
+from flexvlm.lit_module import fit_data_to_model
 from flexvlm.plots import accuracy_flops_plot
 from flexvlm.run_files import read_run_checkpoint
 from flexvlm.runs import config_contents, reuse_or_train, run_command, written
@@ -287,9 +288,10 @@ def trained_cost(cli: Any, checkpoint: Path) -> dict:
     strategy and training steps."""
     state = read_run_checkpoint(checkpoint)
     cli.model.load_state_dict(state["state_dict"])
-    cli.datamodule.setup("test")
-    batch = next(iter(cli.datamodule.test_dataloader()))
     model = cli.model.model.eval()
+    cli.datamodule.setup("test")
+    fit_data_to_model(cli.datamodule, model, cli.model.hparams.max_new_tokens)
+    batch = next(iter(cli.datamodule.test_dataloader()))
     flops = generation_flops(model, batch, cli.model.hparams.max_new_tokens, cli.datamodule.tokenizer.eos_id)
     selection = type(model.selection).__name__ if model.selection is not None else "-"
     return {"mode": model.mode, "selection": selection, "mflops_per_sample": round(flops / 1e6, 2),

@@ -130,6 +130,9 @@ def worker(args: argparse.Namespace) -> None:
               "anonymous_growth_mib": (anonymous_peak - anonymous_before) / 1024, "shard_mib": held_mib(module),
               "parameter_sum": parameter_sum(loaded)}
     Path(args.out).write_text(json.dumps(record))
+    # neither process tears the group down while the other is still in a collective (under load, gloo
+    # then aborts the slower process: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

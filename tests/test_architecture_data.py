@@ -3,6 +3,8 @@ architecture's image processor (``VisualEncoder.image_processor``) sizes the sce
 the architecture does in each mode, batches what its encoder takes and draws the pictures; every mode trains
 on those batches, and the auxiliary objective reads the encoder's grid features in the targets' grids."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from flexvlm.losses import SyntheticAuxLoss
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import MODES, FlexVLM
 from flexvlm.selection import AttentionSelection
+from flexvlm.sweep import build_quietly, trained_cost
 
 VIEWS = (2, 3)  # scenes of 2 x 3 views of 32 px: 64 x 96 px, 4 x 4 tokens a view
 
@@ -94,3 +97,18 @@ def test_grid_features_lie_on_the_targets_grids(build):
     assert np.abs(np.asarray(picture, dtype=float) - np.asarray(scene.image, dtype=float)).mean() < 8
     tile = scene.query
     assert batch["aux_hr_colour"][0, tile.row * 12 + tile.col] > 0
+
+
+@pytest.mark.parametrize("architecture", ["smolvlm", "llava_onevision"])
+def test_a_trained_runs_cost_is_measured_on_the_architectures_own_batches(architecture, tmp_path):
+    """The sweep's and the protocol's FLOP count of a finished run fits the data to the model as a run does
+    (the architecture's processor sizes the scenes and batches them), before it draws a test batch."""
+    root = Path(__file__).resolve().parents[1]
+    cli = build_quietly(["--config", str(root / "configs" / "synthetic.yaml"),
+                         "--config", str(root / "experiments" / "synthetic" / "flex_attention_ratio.yaml"),
+                         "--config", str(root / "experiments" / "synthetic" / "architectures" / f"{architecture}.yaml"),
+                         "--data.init_args.num_test", "4", "--data.init_args.eval_batch_size", "4"])
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": cli.model.state_dict(), "global_step": 3}, checkpoint)
+    cost = trained_cost(cli, checkpoint)
+    assert cost["mode"] == "flex" and cost["train_steps"] == 3 and cost["mflops_per_sample"] > 0
