@@ -59,6 +59,16 @@ def test_a_models_processor_sizes_the_scenes_and_expands_the_prompts():
     assert batch["aux_lr_colour"].shape == (2, 4) and batch["aux_hr_colour"].shape == (2, 4 * 6)
 
 
+def test_views_of_no_whole_token_size_are_refused():
+    class Ragged(TwoViews):
+        view_size, view_tokens = 384, 27  # SigLIP so400m's: 14.2 px a token
+
+    data = SyntheticVQADataModule(num_train=2, num_val=2, num_test=2, image_size=None, patch_size=None)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="views of 384 px hold 27 x 27 tokens, no whole number of pixels"):
+        data.fit_to_model(SequenceLimits(100, 200, 200), Ragged())
+
+
 def test_real_image_datasets_take_a_models_processor(tmp_path):
     """LLaVA-format data and benchmark images reach an architecture's processor as they are (any size)."""
     Image.new("RGB", (40, 24), (10, 20, 30)).save(tmp_path / "a.png")

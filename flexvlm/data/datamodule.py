@@ -208,6 +208,9 @@ class SyntheticVQADataModule(_VQADataModule):
                                  f"size its scenes for it")
             rows, cols = h.views
             size, tokens = self.processor.view_size, self.processor.view_tokens
+            if size % tokens:
+                raise ValueError(f"{type(self.processor).__name__}'s views of {size} px hold {tokens} x {tokens} tokens, "
+                                 f"no whole number of pixels a token: the built-in task cannot draw its tiles on them")
             geometry = dict(image_size=(rows * size, cols * size), patch_size=size // tokens, zoom=(rows, cols))
         elif h.image_size is None:
             return None  # the model's processor gives the geometry (fit_to_model)
