@@ -43,16 +43,15 @@ def image_token_id(folder: str | Path) -> int:
     return _config(Path(folder)).get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)
 
 
-def _processor_longest_edge(folder: Path) -> int | None:
-    """The longest edge a processor saved beside the model resizes images to (None without one)."""
-    return SmolVLMProcessing.from_folder(folder).longest_edge if (folder / "processor_config.json").is_file() else None
+def _saved_processing(folder: Path) -> SmolVLMProcessing | None:
+    """The settings of a processor saved beside the model (None without one)."""
+    return SmolVLMProcessing.from_folder(folder) if (folder / "processor_config.json").is_file() else None
 
 
-def _check_processor(folder: Path, encoder: TiledEncoder) -> None:
+def _check_processor(processing: SmolVLMProcessing | None, encoder: TiledEncoder, folder: Path) -> None:
     """A processor saved beside the model must cut the views the tower takes, into the tokens it makes."""
-    if not (folder / "processor_config.json").is_file():
+    if processing is None:
         return
-    processing = SmolVLMProcessing.from_folder(folder)
     problems = []
     if processing.tile_size != encoder.tile_size:
         problems.append(f"max_image_size.longest_edge {processing.tile_size}: the tower's views are "
@@ -81,8 +80,9 @@ def arguments(folder: str | Path, vision: str | None = None, **overrides: Any) -
     vision_config = {**(config.get("vision_config") or {}), "model_type": f"{config['model_type']}_vision"}
     tower = siglip_tower(vision_config, layer=-1, final_norm=True, frozen=True, source=source)
     scale = config.get("scale_factor", DEFAULT_SCALE_FACTOR)
-    encoder = TiledEncoder(tower, scale, _processor_longest_edge(folder))
-    _check_processor(folder, encoder)
+    processing = _saved_processing(folder)
+    encoder = TiledEncoder(tower, scale, processing.longest_edge if processing else None)
+    _check_processor(processing, encoder, folder)
     return {
         "encoder": encoder,
         "projector": Connector(tower.embed_dim * scale**2, llm.hidden_size),
