@@ -19,17 +19,21 @@ class SyntheticAuxLoss(nn.Module):
       CE(digit of HR tile tokens);
     - for the decoder's grounding (x ``grounding_weight``, 0 = off): for every FA layer, CE of the
       queried tile's LR cell under the LR attention that selected HR tokens for the first answer
-      row, averaged over FA layers (in ``lr_only`` mode: the maps that would select,
-      ``FlexVLM.decode_with_maps``; other modes have none, and get no grounding). Selection is not
-      differentiable, so nothing else teaches a decoder trained from scratch where to look; a
-      pre-trained LLM already knows.
+      row (the regions task: of each answer row's own tile, ``grounding_loss``), averaged over FA
+      layers (in ``lr_only`` mode: the maps that would select, ``FlexVLM.decode_with_maps``; other
+      modes have none, and get no grounding). Selection is not differentiable, so nothing else
+      teaches a decoder trained from scratch where to look; a pre-trained LLM already knows.
+
+    ``colour_classes``: the task's colour classes, background included (the regions task's:
+    ``flexvlm.data.regions.COLOUR_CLASSES``).
     """
 
-    def __init__(self, embed_dim: int, weight: float = 1.0, grounding_weight: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, weight: float = 1.0, grounding_weight: float = 0.0,
+                 colour_classes: int = len(COLOUR_NAMES) + 1) -> None:
         super().__init__()
         self.weight, self.grounding_weight = weight, grounding_weight
-        self.lr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
-        self.hr_colour = nn.Linear(embed_dim, len(COLOUR_NAMES) + 1)
+        self.lr_colour = nn.Linear(embed_dim, colour_classes)
+        self.hr_colour = nn.Linear(embed_dim, colour_classes)
         self.hr_digit = nn.Linear(embed_dim, len(DIGITS))
 
     @property
@@ -61,11 +65,17 @@ class SyntheticAuxLoss(nn.Module):
 
 
 def grounding_loss(selection_maps: dict[int, torch.Tensor], query_cell: torch.Tensor) -> torch.Tensor:
-    """Mean over FA layers of -log(share of the first selecting row's LR attention that falls on
-    the queried cell). selection_maps: layer -> (B, R, g, g); query_cell (B,) row-major LR cell."""
+    """Mean over FA layers of the mean over counted rows of -log(share of the row's LR attention that
+    falls on its target cell). selection_maps: layer -> (B, R, h, w), row r the selecting row that
+    predicts answer token r; query_cell: row-major LR cells, (B,) for the first row alone (the tile
+    task), or (B, A) for the first A rows, IGNORE_INDEX where a row does not count (the end token, an
+    answer shorter than A; the regions task)."""
+    targets = query_cell[:, None] if query_cell.dim() == 1 else query_cell
     terms = []
     for attn_map in selection_maps.values():
-        first_row = attn_map[:, 0].flatten(1).float()  # the row that predicts the answer's first token
-        share = first_row / first_row.sum(-1, keepdim=True).clamp(min=1e-12)
-        terms.append(F.nll_loss(share.clamp(min=1e-12).log(), query_cell))
+        rows = min(attn_map.shape[1], targets.shape[1])  # a batch of short answers has fewer rows
+        maps = attn_map[:, :rows].flatten(2).float()
+        share = maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)
+        terms.append(F.nll_loss(share.clamp(min=1e-12).log().flatten(0, 1), targets[:, :rows].flatten(),
+                                ignore_index=IGNORE_INDEX))
     return torch.stack(terms).mean()

@@ -144,8 +144,9 @@ def _pixels(images: list) -> torch.Tensor:
 
 
 def _low_res(hr: torch.Tensor) -> torch.Tensor:
-    """The model's low-res view (DualPathEncoder.encode_low_res's resize) of (N, 3, 96, 96) pixels."""
-    return F.interpolate(hr, size=(96 // ZOOM,) * 2, mode="bilinear", antialias=True, align_corners=False)
+    """The model's low-res view (DualPathEncoder.encode_low_res's resize) of (N, 3, H, W) pixels."""
+    size = (hr.shape[-2] // ZOOM, hr.shape[-1] // ZOOM)
+    return F.interpolate(hr, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 @pytest.mark.parametrize("fine_print,max_mean", [(False, 1 / 255), (True, 0.1 / 255)])

@@ -47,7 +47,7 @@ def cli_stack(path: Path) -> tuple[str, list[Path]]:
         return "test", [RELEASE_TRAINING, path]
     if relative.startswith("experiments/synthetic/eval/"):  # on the training config whose checkpoint they read
         return "test", [SYNTHETIC, ROOT / "experiments" / "synthetic" / "flex_attention_ratio.yaml", path]
-    if relative.startswith("experiments/synthetic/"):
+    if relative.startswith(("experiments/synthetic/", "experiments/regions/")):
         return "fit", [SYNTHETIC, path]
     if relative.startswith("experiments/paper/ablations/"):
         return "fit", [RELEASE_TRAINING, path]

@@ -1,4 +1,4 @@
-"""LightningDataModules: the built-in synthetic task and LLaVA-format instruction data."""
+"""LightningDataModules: the two built-in synthetic tasks and LLaVA-format instruction data."""
 
 from collections.abc import Callable
 
@@ -6,6 +6,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from flexvlm.data import regions
 from flexvlm.data.collate import SequenceLimits, VQACollator
 from flexvlm.data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_IMAGE_PIXELS
 from flexvlm.data.llava import LlavaInstructDataset, Triple
@@ -165,8 +166,56 @@ class _VQADataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-class SyntheticVQADataModule(_VQADataModule):
-    """The built-in synthetic high-res VQA task (flexvlm.data.synthetic), PlainTemplate."""
+class _GeneratedVQADataModule(_VQADataModule):
+    """A built-in generated task (its ``dataset``), PlainTemplate, its word-level vocabulary, its scenes
+    drawn to the model's geometry.
+
+    LLaVA-1.5's geometry (the config links it from the model's backbone): square scenes of
+    ``image_size`` pixels, a token per ``patch_size`` pixels, a low-res cell per ``zoom`` x ``zoom``
+    tokens. An architecture whose preprocessing cuts images into square views (its encoder's
+    image processor, given at ``fit_to_model``) gets scenes of ``views`` (rows, cols) of them
+    instead: (rows x view side) x (cols x view side) pixels, a token per view pixel side / view
+    tokens, a low-res cell (a token of the view squeezed from the whole image) per rows x cols tokens.
+
+    ``seed`` draws every split's samples; ``shuffle_seed`` (default: ``seed``) the training order
+    alone, so runs of one study can vary their order on the same data and test split."""
+
+    def __init__(self, words: list[str], sizes: dict[str, int], seed: int, shuffle_seed: int | None,
+                 batch_size: int, eval_batch_size: int | None, num_workers: int) -> None:
+        order_seed = seed if shuffle_seed is None else shuffle_seed
+        super().__init__(WordTokenizer(words), PlainTemplate(), batch_size, eval_batch_size, num_workers, order_seed)
+        self.sizes = sizes
+
+    def dataset(self, split: str, geometry: dict) -> Dataset:
+        """The split's samples, drawn to ``geometry`` (image_size, patch_size, zoom)."""
+        raise NotImplementedError
+
+    def geometry(self) -> dict | None:
+        """The scenes' image_size, patch_size and zoom, from the model's processor or the linked
+        settings; None until the model's processor gives them."""
+        h = self.hparams
+        if self.processor is not None:
+            if self.processor.view_size is None:
+                raise ValueError(f"{type(self.processor).__name__} draws no square views: the built-in task cannot "
+                                 f"size its scenes for it")
+            rows, cols = h.views
+            size, tokens = self.processor.view_size, self.processor.view_tokens
+            if size % tokens:
+                raise ValueError(f"{type(self.processor).__name__}'s views of {size} px hold {tokens} x {tokens} tokens, "
+                                 f"no whole number of pixels a token: the built-in task cannot draw its tiles on them")
+            return dict(image_size=(rows * size, cols * size), patch_size=size // tokens, zoom=(rows, cols))
+        if h.image_size is None:
+            return None  # the model's processor gives the geometry (fit_to_model)
+        return dict(image_size=h.image_size, patch_size=h.patch_size, zoom=h.zoom)
+
+    def read_split(self, split: str) -> Dataset | None:
+        geometry = self.geometry()
+        return None if geometry is None else self.dataset(split, geometry)
+
+
+class SyntheticVQADataModule(_GeneratedVQADataModule):
+    """The built-in synthetic high-res VQA task (flexvlm.data.synthetic); geometry and seeds as
+    ``_GeneratedVQADataModule``'s."""
 
     def __init__(
         self,
@@ -186,39 +235,47 @@ class SyntheticVQADataModule(_VQADataModule):
         shuffle_seed: int | None = None,
         views: tuple[int, int] = (2, 3),
     ) -> None:
-        """``seed`` draws every split's samples; ``shuffle_seed`` (default: ``seed``) the training
-        order alone, so runs of one study can vary their order on the same data and test split.
-
-        LLaVA-1.5's geometry (the config links it from the model's backbone): square scenes of
-        ``image_size`` pixels, a token per ``patch_size`` pixels, a low-res cell per ``zoom`` x ``zoom``
-        tokens. An architecture whose preprocessing cuts images into square views (its encoder's
-        image processor, given at ``fit_to_model``) gets scenes of ``views`` (rows, cols) of them
-        instead: (rows x view side) x (cols x view side) pixels, a token per view pixel side / view
-        tokens, a low-res cell (a token of the view squeezed from the whole image) per rows x cols tokens."""
-        order_seed = seed if shuffle_seed is None else shuffle_seed
-        super().__init__(WordTokenizer(WORDS), PlainTemplate(), batch_size, eval_batch_size, num_workers, order_seed)
+        sizes = {"train": num_train, "val": num_val, "test": num_test}
+        super().__init__(WORDS, sizes, seed, shuffle_seed, batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
-        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
 
-    def read_split(self, split: str) -> SyntheticVQA | None:
+    def dataset(self, split: str, geometry: dict) -> SyntheticVQA:
         h = self.hparams
-        if self.processor is not None:
-            if self.processor.view_size is None:
-                raise ValueError(f"{type(self.processor).__name__} draws no square views: the built-in task cannot "
-                                 f"size its scenes for it")
-            rows, cols = h.views
-            size, tokens = self.processor.view_size, self.processor.view_tokens
-            if size % tokens:
-                raise ValueError(f"{type(self.processor).__name__}'s views of {size} px hold {tokens} x {tokens} tokens, "
-                                 f"no whole number of pixels a token: the built-in task cannot draw its tiles on them")
-            geometry = dict(image_size=(rows * size, cols * size), patch_size=size // tokens, zoom=(rows, cols))
-        elif h.image_size is None:
-            return None  # the model's processor gives the geometry (fit_to_model)
-        else:
-            geometry = dict(image_size=h.image_size, patch_size=h.patch_size, zoom=h.zoom)
         return SyntheticVQA(self.sizes[split], h.seed, split=split, mean=h.mean, std=h.std, fine_print=h.fine_print,
                             processor=self.processor, **geometry)
 
+
+class RegionsVQADataModule(_GeneratedVQADataModule):
+    """The second built-in task, several regions a question (flexvlm.data.regions, docs/regions-task.md);
+    geometry and seeds as ``_GeneratedVQADataModule``'s. ``num_colours``: how many of its colours the
+    scenes use. The model's ``max_new_tokens`` must cover an answer's 3 digits and its end token."""
+
+    def __init__(
+        self,
+        num_train: int = 20000,
+        num_val: int = 500,
+        num_test: int = 1000,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        image_size: int | None = 192,
+        zoom: int = 3,
+        patch_size: int | None = 8,
+        num_colours: int = len(regions.COLOUR_NAMES),
+        mean: Triple | None = (0.5, 0.5, 0.5),
+        std: Triple | None = (0.5, 0.5, 0.5),
+        shuffle_seed: int | None = None,
+        views: tuple[int, int] = (2, 3),
+    ) -> None:
+        sizes = {"train": num_train, "val": num_val, "test": num_test}
+        super().__init__(regions.WORDS, sizes, seed, shuffle_seed, batch_size, eval_batch_size, num_workers)
+        self.save_hyperparameters()
+
+    def dataset(self, split: str, geometry: dict) -> regions.RegionsVQA:
+        h = self.hparams
+        return regions.RegionsVQA(self.sizes[split], h.seed, split=split, num_colours=h.num_colours, mean=h.mean,
+                                  std=h.std, processor=self.processor, **geometry)
 
 
 class LlavaDataModule(_VQADataModule):
