@@ -152,6 +152,8 @@ def _refuse_what_has_no_place(model: FlexVLM, layout: str) -> None:
     elif layout == "release" and entry.model_types[-1] not in _RELEASE_ARCHITECTURES:
         problems.append(f"the decoder {type(llm).__name__}: the original LLaVA code has classes for "
                         f"{', '.join(_RELEASE_ARCHITECTURES.values())} only (--format llava-hf holds it)")
+    if model.reduction is not None:
+        problems.append(f"the token reduction {model.reduction.describe()}: neither LLaVA format has a place for it")
     if layout == "llava-hf" and _projector_kind(model.projector) != "mlp2x_gelu":
         problems.append(f"the projector {_projector_kind(model.projector)}: llava-hf's is mlp2x_gelu "
                         f"(the release layout holds any)")

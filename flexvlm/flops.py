@@ -40,6 +40,10 @@ tokens projected per FA layer over the generation, S new tokens.
   and the map reuses its scores).
 - hr_kv_projection (W_K', W_V': D -> kv): 4 D kv per projected token per FA layer, xattn M tokens,
   flex P tokens (K when the selection stays put, M when everything is projected at prefill).
+- A token reduction (hd, ``flexvlm.reduction``): every layer after a stage's drop sees n_l = n minus
+  the image tokens dropped so far, in its Linears, its prefill attention and its decode keys; rating
+  costs 2 n_l D (the prompt's last row's scores) per stage, plus its q, k and v projections of the
+  n_l tokens, 2 n_l D (D + 2 kv), where the stage previews the layer after its drop (PyramidDrop).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flexvlm.models.generation import generate
 from flexvlm.models.llm import LlamaConfig
 from flexvlm.models.vlm import MODES, FlexVLM
+from flexvlm.reduction import TokenReduction, kept_count
 
 __all__ = [
     "ARCHITECTURES", "ArchitectureShape", "CLIP_VIT_L14_336", "LLAMA_2_7B", "CostBreakdown", "DecoderShape",
@@ -182,6 +187,7 @@ class ImageCost:
     lr_projected: int  # tokens the projector runs on for the low-res path
     hr_projected: int  # ... for the high-res path (can exceed M: LLaVA-OneVision projects before unpadding)
     hd_projected: int  # ... in hd
+    hd_image_tokens: int  # the image tokens among hd's sequence positions (what a token reduction drops from)
     projector_in: int  # width of the projector's input tokens
     projector: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu" (``_projector_flops_per_token``)
 
@@ -205,7 +211,7 @@ class ImageCost:
         lr, hr = vision.grid**2, (zoom * vision.grid) ** 2
         return cls(lr_passes=1, hr_passes=zoom * zoom, hd_passes=zoom * zoom, lr_sequence_tokens=lr,
                    hd_sequence_tokens=hr, hr_tokens=hr, lr_projected=lr, hr_projected=hr, hd_projected=hr,
-                   projector_in=vision.width, projector=projector)
+                   hd_image_tokens=hr, projector_in=vision.width, projector=projector)
 
     @classmethod
     def smolvlm(cls, vision: VisionShape, rows: int, cols: int, scale_factor: int,
@@ -230,7 +236,8 @@ class ImageCost:
         hd_sequence = tiles * (1 + tile_tag_tokens + t2) + rows + 1 + global_view if tiles else global_view
         return cls(lr_passes=1, hr_passes=tiles, hd_passes=tiles + 1, lr_sequence_tokens=global_view,
                    hd_sequence_tokens=hd_sequence, hr_tokens=tiles * t2, lr_projected=t2, hr_projected=tiles * t2,
-                   hd_projected=(tiles + 1) * t2, projector_in=vision.width * scale_factor**2, projector="linear")
+                   hd_projected=(tiles + 1) * t2, hd_image_tokens=(tiles + 1) * t2 if tiles else t2,
+                   projector_in=vision.width * scale_factor**2, projector="linear")
 
     @classmethod
     def onevision(cls, vision: VisionShape, grid_rows: int, grid_cols: int, feature_grid: tuple[int, int],
@@ -247,7 +254,8 @@ class ImageCost:
         g2, tiles, (h, w) = vision.grid**2, grid_rows * grid_cols, feature_grid
         return cls(lr_passes=1, hr_passes=tiles, hd_passes=1 + tiles, lr_sequence_tokens=g2 + 1,
                    hd_sequence_tokens=g2 + h * (w + 1), hr_tokens=h * w, lr_projected=g2, hr_projected=tiles * g2,
-                   hd_projected=(1 + tiles) * g2, projector_in=vision.width, projector=projector)
+                   hd_projected=(1 + tiles) * g2, hd_image_tokens=g2 + h * (w + 1), projector_in=vision.width,
+                   projector=projector)
 
     @classmethod
     def from_layout(cls, vision: VisionShape, layout: Any, scale_factor: int | None = None, **options: Any
@@ -281,20 +289,25 @@ def generation_cost(
     new_tokens: int,
     selected_per_row: int = 0,
     projected_hr_tokens: int = 0,
+    reduction: TokenReduction | None = None,
 ) -> CostBreakdown:
     """FLOPs per sample of a greedy generation of ``new_tokens`` tokens (no early stop) of one image
     of geometry ``image`` (``ImageCost``, built for this ``vision`` tower). ``text_tokens``: the prompt
-    besides the image's positions (the padded length in a batch: padding rows cost the same).
-    ``selected_per_row`` (K) and ``projected_hr_tokens`` (P) are per FA layer and used by flex only."""
+    besides the image's positions (the padded length in a batch: padding rows cost the same, until a
+    token reduction's first drop, after which a batch is as long as its longest sample).
+    ``selected_per_row`` (K) and ``projected_hr_tokens`` (P) are per FA layer and used by flex only;
+    ``reduction`` (hd only) shortens the sequence of the layers after each of its stages."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
     if mode == "flex" and num_sa_layers < 1:
         raise ValueError("flex needs num_sa_layers >= 1: one plain layer's map seeds the selection")
+    if reduction is not None and mode != "hd":
+        raise ValueError(f"a token reduction acts on hd's sequence, not on mode {mode!r}'s")
     hr_tokens = image.hr_tokens
     n = text_tokens + image.sequence_tokens(mode)
     decode_steps = new_tokens - 1  # the prefill yields the first token
-    decode_keys = range(n + 1, n + new_tokens)  # keys seen at each decode step
     d = decoder
+    lengths, rating = _reduced_lengths(reduction, d, n, image.hd_image_tokens)
     hr_layers = d.layers - num_sa_layers if mode in ("xattn", "flex") else 0
     hr_kv_per_token = 2 * 2 * d.hidden * d.kv_dim
 
@@ -313,13 +326,34 @@ def generation_cost(
     return CostBreakdown(
         vision=image.passes(mode) * vision.pass_flops(),
         projector=image.projected_tokens(mode) * image.projector_flops_per_token(d.hidden),
-        decoder_linear=(n + decode_steps) * d.layers * d.linear_flops_per_token(),
-        attention=d.layers * (d.attention_flops(n, n) + sum(d.attention_flops(1, keys) for keys in decode_keys)),
+        decoder_linear=sum(length + decode_steps for length in lengths) * d.linear_flops_per_token(),
+        # each decode step s = 1 .. S - 1 sees the layer's prompt keys and s more
+        attention=sum(d.attention_flops(length, length) + sum(d.attention_flops(1, length + s)
+                                                              for s in range(1, new_tokens))
+                      for length in lengths),
         lm_head=new_tokens * 2 * d.hidden * d.vocab,
         cross_attention=cross_attention,
-        selection_overhead=selection_overhead,
+        selection_overhead=selection_overhead + rating,
         hr_kv_projection=hr_kv_projection,
     )
+
+
+def _reduced_lengths(reduction: TokenReduction | None, d: DecoderShape, n: int, image_tokens: int
+                     ) -> tuple[list[int], int]:
+    """The prompt length each layer sees under ``reduction`` (all n without one), and the FLOPs of
+    rating the tokens (one rating row, the prompt's last): a stage rated by the layer before its drop
+    reuses that layer's keys (2 n D, the row's scores), a previewed one computes q, k and v of the n
+    tokens first (``SequencePruning._previewed_scores``)."""
+    lengths = [n] * d.layers
+    rating = 0
+    for stage in reduction.check(d.layers) if reduction is not None else []:
+        before = lengths[stage.prune_before - 1]
+        rating += 2 * before * d.hidden
+        if stage.rate_at == stage.prune_before:
+            rating += 2 * before * d.hidden * (d.hidden + 2 * d.kv_dim)
+        dropped = image_tokens - int(kept_count(torch.tensor(image_tokens), stage.keep))
+        lengths[stage.prune_before:] = [n - dropped] * (d.layers - stage.prune_before)
+    return lengths, rating
 
 
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 (penultimate block's output) and LLaMA-2-7B / Vicuna-7B

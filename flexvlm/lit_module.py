@@ -364,7 +364,7 @@ class FlexVLMModule(L.LightningModule):
         if loss is not None:
             self.loss_mean.update(loss, weight=size)
             self.log(f"{stage}/loss", self.loss_mean, batch_size=size)
-        if self.model.mode == "flex":
+        if self.model.spends_high_res_budget:
             self.hr_fraction_mean.update(scored.hr_fraction)
             self.log(f"{stage}/hr_fraction", self.hr_fraction_mean, prog_bar=True, batch_size=size)
         return scored
@@ -459,7 +459,7 @@ class FlexVLMModule(L.LightningModule):
         self._record_unasked([p.record() for p in left_out])
         if self._answered:  # counted once, where the metrics are summed
             self.protocol.restore(self._answered)
-            if self.model.mode == "flex":
+            if self.model.spends_high_res_budget:
                 self.hr_fraction_mean.update(torch.tensor([r["hr_fraction"] for r in self._answered]))
 
     def _record_unasked(self, problems: list[dict[str, Any]]) -> None:

@@ -224,6 +224,15 @@ def test_a_tower_without_a_release_equivalent_is_refused(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_a_token_reduction_is_refused_not_dropped(tmp_path):
+    fastv = tmp_path / "fastv.yaml"
+    fastv.write_text("model:\n  model:\n    reduction: fastv\n")
+    configs = (BASE, TOWER, str(MODES / "hd.yaml"), str(fastv))
+    ckpt, _ = _cheap_run(tmp_path, *configs)
+    with pytest.raises(ValueError, match=r"cannot hold this model:\n  the token reduction FastV\(K=2, R=0.5\)"):
+        export(ckpt, tmp_path / "out", configs=configs)
+
+
 def test_the_tokenizer_files_of_the_run_are_copied(run, tmp_path):
     tokenizer = tmp_path / "tokenizer"
     tokenizer.mkdir()

@@ -9,6 +9,7 @@ from flexvlm.flops import (
 )
 from flexvlm.models.vision import TimmBackbone
 from flexvlm.models.vlm import FlexVLM
+from flexvlm.reduction import FastV, PyramidDrop
 from flexvlm.selection import CenterSelection
 
 LLM = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
@@ -58,6 +59,25 @@ def test_cost_model_matches_flop_counter(mode, high_res_kv):
     options = {"high_res_kv": high_res_kv} if high_res_kv else {}
     measured = generation_flops(model, batch, NEW_TOKENS, eos_token_id=None, **options)
     assert measured == predicted.total, predicted
+
+
+@pytest.mark.parametrize("reduction", [FastV(k=1, r=0.75), FastV(k=2, r=0.3), PyramidDrop(layers=[1, 2], ratio=0.5)])
+def test_cost_model_matches_flop_counter_with_a_token_reduction(reduction):
+    torch.manual_seed(0)
+    backbone = TimmBackbone("vit_tiny_patch16_224", model_kwargs=dict(
+        img_size=32, patch_size=8, depth=2, embed_dim=24, num_heads=2))
+    model = FlexVLM(backbone, llm="tiny", llm_overrides=LLM, mode="hd", zoom=ZOOM, reduction=reduction).eval()
+    batch = _batch()
+    batch["prompt_mask"] = torch.ones_like(batch["prompt_mask"])  # one length: a drop re-pads a batch
+    measured = generation_flops(model, batch, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+    decoder = DecoderShape.from_config(model.config)
+    predicted = generation_cost("hd", VISION, decoder, ImageCost.llava(VISION, ZOOM), 0,
+                                text_tokens=batch["prompt_ids"].shape[1] - 1, new_tokens=NEW_TOKENS,
+                                reduction=reduction)
+    assert measured == predicted.total
+    plain = generation_cost("hd", VISION, decoder, ImageCost.llava(VISION, ZOOM), 0,
+                            text_tokens=batch["prompt_ids"].shape[1] - 1, new_tokens=NEW_TOKENS)
+    assert predicted.decoder_linear < plain.decoder_linear and predicted.selection_overhead > 0
 
 
 def test_flex_cost_by_hand():

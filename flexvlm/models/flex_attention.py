@@ -369,23 +369,25 @@ def flex_attention(
     q_rows = gather_rows(q, rows.rows)
     if high_res is not None:
         out = _scatter_rows(out, _attend(attn, q_rows, k, v, visible, high_res), rows, state.alpha)
-    probs = _row_probs(attn, q_rows, k, visible, state.map_grad) if need_map else None
+    probs = row_probs(attn, q_rows, k, visible, state.map_grad) if need_map else None
     return attn.output(out), probs
 
 
 def mapped_layer(
-    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, cache: None, rows: SelectingRows, map_grad: bool,
+    layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+    map_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """A plain decoder layer (teacher-forced, no cache) that also hands back its selecting rows' softmax
-    over the sequence keys, (B, heads, R, keys): where a model without HR attention looks, in the
-    layers whose maps would select in flex mode (an objective on them, e.g. grounding in lr_only)."""
+    """A plain decoder layer that also hands back its selecting rows' softmax over the sequence keys,
+    (B, heads, R, keys): where a model without HR attention looks, in the layers whose maps would
+    select in flex mode (an objective on them, e.g. grounding in lr_only), or the rows that rate the
+    image tokens for a token reduction (``flexvlm.models.pruning``)."""
     attn = layer.self_attn
-    q, k, v = attn.qkv(layer.attention_input(x), inputs, None)
+    q, k, v = attn.qkv(layer.attention_input(x), inputs, cache)
     out = attn.output(attn.sequence_attention(q, k, v, inputs))
-    return layer.after_attention(x, out), _row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad)
+    return layer.after_attention(x, out), row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad)
 
 
-def _row_probs(attn: DecoderAttention, q_rows: Tensor, k: Tensor, visible: Tensor, map_grad: bool) -> Tensor:
+def row_probs(attn: DecoderAttention, q_rows: Tensor, k: Tensor, visible: Tensor, map_grad: bool) -> Tensor:
     """The rows' plain softmax over the keys they see; with its gradient only when ``map_grad``."""
     with torch.set_grad_enabled(map_grad and torch.is_grad_enabled()):
         return attn.row_scores(q_rows, k).masked_fill(~visible, float("-inf")).softmax(-1)

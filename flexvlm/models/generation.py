@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # the model calls this module (FlexVLM.generate), not the oth
 @dataclass
 class GenerationOutput:
     tokens: list[list[int]]  # generated ids per sample, up to (not including) EOS
-    hr_fraction: Tensor  # (B,) mean over steps of the current token's HR fraction (0 outside flex mode)
+    # (B,) mean over steps of the current token's HR fraction: in flex mode the share it selected, with a
+    # token reduction the share of the image tokens a layer sees; 0 otherwise
+    hr_fraction: Tensor
     prefill_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, G, G) at the prompt's end
 
 
@@ -35,7 +37,7 @@ class Step:
     """One decoding step of every sample."""
 
     token: Tensor  # (B,) the greedy next token
-    hr_fraction: Tensor | None  # (B,) HR fraction the current token's row used (None outside flex mode)
+    hr_fraction: Tensor | None  # (B,) HR fraction the current token's row used (None: no selection, no reduction)
     masks: dict[int, Tensor]  # FA layer -> (B, G, G) the current token's selection
 
 
@@ -68,8 +70,9 @@ def generation_steps(
             if step:
                 embeds = model.llm.embed(generated[:, -1:])
                 mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
-            logits = model.step(embeds, mask, cache, state)[:, -1]
-            rows_fraction = state.row_fraction() if state is not None else None
+            logits = model.step(embeds, mask, cache, state, inputs.pruning)[:, -1]
+            rows_fraction = (state.row_fraction() if state is not None
+                             else inputs.pruning.image_fraction()[:, None] if inputs.pruning is not None else None)
             masks = state.masks if state is not None else {}
         else:
             ids = torch.cat((input_ids, generated), dim=1)

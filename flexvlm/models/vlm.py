@@ -36,7 +36,9 @@ from flexvlm.models.flex_attention import (
 )
 from flexvlm.models.geometry import VisualLayout, high_res_rope
 from flexvlm.models.projector import build_projector
+from flexvlm.models.pruning import SequencePruning
 from flexvlm.models.vision import VisionBackbone
+from flexvlm.reduction import TokenReduction, build_reduction
 from flexvlm.selection import SelectionStrategy, build_selection
 
 MODES = ("lr_only", "hd", "xattn", "flex")
@@ -52,7 +54,9 @@ class MultimodalInputs:
     image_start: Tensor  # (B,) position of the first image token
     lr_features: Tensor | None  # (B, g*g, C) vision tokens before the projector (where the encoder gives them)
     hr_features: Tensor | None  # (B, G*G, C)
+    image_mask: Tensor  # (B, N) bool: the image tokens in the sequence
     high_res: HighResState | None = None
+    pruning: SequencePruning | None = None  # hd mode with a token reduction
 
 
 @dataclass
@@ -66,6 +70,7 @@ class VLMOutput:
     selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, h, w), see HighResState.maps
     # (lr_only with map_grad: the layer a flex model would select for, see FlexVLM.decode_with_maps)
     sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
+    # (with a token reduction: the share of the image tokens a layer sees, mean over layers)
     row_fraction: Tensor | None = None  # (B, R) HR fraction used per selecting row, mean over FA layers
 
 
@@ -98,6 +103,7 @@ class FlexVLM(nn.Module):
         flex_impl: str = "fused",
         margin_rule: str = "centre",
         encoder: VisualEncoder | None = None,
+        reduction: TokenReduction | str | None = None,
     ) -> None:
         """``backbone``: the vision tower of LLaVA-1.5's geometry, which ``zoom``, ``high_res_path``,
         ``high_res_grad`` and ``margin_rule`` complete (``DualPathEncoder``); or, instead of all of them,
@@ -119,7 +125,9 @@ class FlexVLM(nn.Module):
         ``release`` (every row scores every HR key through a mask, as the authors' training; the same
         result, kept as a baseline for the benchmarks). ``margin_rule``: which low-res cells of a
         padded image count as border, out of the selecting maps (``flexvlm.selection.valid_grid``:
-        ``centre``, or the authors' ``release``, which the released checkpoint's path uses)."""
+        ``centre``, or the authors' ``release``, which the released checkpoint's path uses).
+        ``reduction`` (``hd`` only): a peer method that drops image tokens from the sequence between
+        decoder layers (``flexvlm.reduction``: ``fastv``, ``pyramid_drop``)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
@@ -155,6 +163,12 @@ class FlexVLM(nn.Module):
                              "it would be recorded in the run's config unused. Set model.model.init_args.selection "
                              "to null, or use mode flex")
         self.selection = build_selection(selection or "attention") if mode == "flex" else None
+        if reduction is not None and mode != "hd":
+            raise ValueError(f"a token reduction ({reduction!r}) drops image tokens of the sequence, which only mode hd "
+                             f"holds; mode {mode!r} has none to drop")
+        self.reduction = build_reduction(reduction) if reduction is not None else None
+        if self.reduction is not None:
+            self.reduction.check(num_layers)
         if self.uses_high_res_attention:
             for layer in self.llm.layers[num_sa_layers:]:
                 layer.self_attn = FlexAttention(layer.self_attn)
@@ -223,6 +237,12 @@ class FlexVLM(nn.Module):
         return self.mode in ("xattn", "flex")
 
     @property
+    def spends_high_res_budget(self) -> bool:
+        """Whether the model uses a share of the high-res tokens (``hr_fraction``): flex mode's selection,
+        or a token reduction of hd mode's sequence."""
+        return self.mode == "flex" or self.reduction is not None
+
+    @property
     def flex_layers(self) -> list[int]:
         return list(range(self.num_sa_layers, self.config.num_layers)) if self.uses_high_res_attention else []
 
@@ -249,8 +269,11 @@ class FlexVLM(nn.Module):
         generation projects HR K/V; ``map_grad``: the selecting maps keep their gradient (see
         HighResState)."""
         encoded = self.encoder.encode(images, self.projector, self.mode, content_box)
-        embeds, mask, labels, image_start = self._splice(input_ids, attention_mask, labels, encoded)
-        inputs = MultimodalInputs(embeds, mask, labels, image_start, encoded.lr_features, encoded.hr_features)
+        embeds, mask, labels, image_start, image_mask = self._splice(input_ids, attention_mask, labels, encoded)
+        inputs = MultimodalInputs(embeds, mask, labels, image_start, encoded.lr_features, encoded.hr_features,
+                                  image_mask)
+        if self.reduction is not None:
+            inputs.pruning = SequencePruning.create(self.reduction, image_mask, self.config.num_layers)
         if self.uses_high_res_attention:
             inputs.high_res = self._high_res_state(inputs, encoded.high_res, encoded.layout, alpha, high_res_kv,
                                                    map_grad)
@@ -258,10 +281,11 @@ class FlexVLM(nn.Module):
 
     def _splice(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None, encoded: EncodedImages
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
         """The image tokens in place of the placeholders: one placeholder per image token (an
         architecture's processor expanded them), or one per row that its image's tokens replace
-        (LLaVA-1.5's prompt). -> (embeds, attention mask, labels, position of each row's first image token)."""
+        (LLaVA-1.5's prompt). -> (embeds, attention mask, labels, position of each row's first image
+        token, (B, N) where the image tokens are)."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         found = is_image.sum(-1)
         tokens = encoded.in_sequence
@@ -272,7 +296,7 @@ class FlexVLM(nn.Module):
         if bool((found == counts).all()):
             real = torch.arange(n_img, device=tokens.device) < counts[:, None]
             embeds = text_embeds.masked_scatter(is_image[..., None], tokens[real].to(text_embeds.dtype))
-            return embeds, attention_mask, labels, image_start
+            return embeds, attention_mask, labels, image_start, is_image
         if not bool((found == 1).all()) or encoded.counts is not None:
             raise ValueError(f"every row needs exactly one image placeholder ({IMAGE_TOKEN_INDEX}), or one per image token "
                              f"({counts.tolist()}); found per row: {found.tolist()}")
@@ -292,7 +316,9 @@ class FlexVLM(nn.Module):
         mask = attention_mask.new_ones(b, n).index_put((bi, ti), attention_mask[keep])
         if labels is not None:
             labels = labels.new_full((b, n), IGNORE_INDEX).index_put((bi, ti), labels[keep])
-        return embeds, mask, labels, image_start
+        image_mask = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
+        image_mask[bi_img, image_pos] = True
+        return embeds, mask, labels, image_start, image_mask
 
     def _lr_index(self, image_start: Tensor) -> Tensor:
         """(B, h*w) sequence positions of the low-res grid's tokens."""
@@ -314,14 +340,22 @@ class FlexVLM(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def decode(
         self, embeds: Tensor, attention_mask: Tensor, row_mask: Tensor, state: HighResState | None,
-        cache: KVCache | None = None,
+        cache: KVCache | None = None, pruning: SequencePruning | None = None,
     ) -> Tensor:
         """The decoder loop: hidden states after the final norm. In flex mode the rows in ``row_mask``
         (B, N) select: layer N_SA - 1's attention map selects layer N_SA's HR tokens, and so on, each
-        layer handing its map to the next. ``attention_mask`` covers cached keys too."""
+        layer handing its map to the next. With a token reduction (``pruning``) the rows where answers
+        start rate the image tokens, and the layers after each stage see those it kept.
+        ``attention_mask`` covers cached keys too."""
         llm = self.llm
+        if pruning is not None and not (cache is not None and len(cache)):
+            return pruning.run_prompt(llm, embeds, attention_mask, row_mask, cache)
         inputs = llm.attention_inputs(embeds, attention_mask, cache)
         x = embeds
+        if pruning is not None:  # a decoding step: each layer's cache holds its stage's tokens
+            for layer, layer_inputs in zip(llm.layers, pruning.step_inputs(llm, inputs, attention_mask, embeds.dtype)):
+                x = layer(x, layer_inputs, cache)
+            return llm.final_norm(x)
         if state is not None:  # cross-attention: every row attends to the HR tokens
             state.start_step(SelectingRows.from_mask(torch.ones_like(row_mask) if state.dense else row_mask, inputs))
         first_special = self.num_sa_layers if state is None or state.dense else self.num_sa_layers - 1
@@ -387,7 +421,7 @@ class FlexVLM(nn.Module):
         if self.mode == "lr_only" and map_grad:
             hidden, maps = self.decode_with_maps(inputs, row_mask)
         else:
-            hidden = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res)
+            hidden = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res, pruning=inputs.pruning)
         logits = self.llm.logits(hidden)
         loss = None
         if inputs.labels is not None:
@@ -396,17 +430,22 @@ class FlexVLM(nn.Module):
         state = inputs.high_res
         out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
                         selection_maps=maps)
+        if inputs.pruning is not None:
+            out.sample_fraction = inputs.pruning.image_fraction()
+            out.row_fraction = out.sample_fraction[:, None]
         if state is not None:
             out.selected_fraction, out.selection_masks = state.selected_fraction, dict(state.masks)
             out.selection_maps, out.sample_fraction = dict(state.maps), state.sample_fraction()
             out.row_fraction = state.row_fraction()
         return out
 
-    def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResState | None) -> Tensor:
-        """One cached decoding step (or a prefill): the last row of each sample selects. -> logits."""
+    def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResState | None,
+             pruning: SequencePruning | None = None) -> Tensor:
+        """One cached decoding step (or a prefill): the last row of each sample selects (or rates the
+        image tokens, at a reduction's prefill). -> logits."""
         row_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         row_mask[:, -1] = True
-        hidden = self.decode(embeds, attention_mask, row_mask, high_res, cache)
+        hidden = self.decode(embeds, attention_mask, row_mask, high_res, cache, pruning)
         return self.llm.logits(hidden[:, -1:])
 
 

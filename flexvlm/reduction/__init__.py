@@ -1,0 +1,18 @@
+"""Token reductions of the in-sequence image tokens (the field's peers of FlexAttention): registered by
+name, or any importable class via ``class_path``."""
+
+from __future__ import annotations
+
+from flexvlm.reduction.base import REDUCTION, Stage, TokenReduction, kept_count
+from flexvlm.reduction.fastv import FastV
+from flexvlm.reduction.pyramid_drop import PyramidDrop
+
+
+def build_reduction(spec: str | TokenReduction) -> TokenReduction:
+    """A reduction instance from its registered name (plugins included) or as given."""
+    if isinstance(spec, TokenReduction):
+        return spec
+    return REDUCTION.get(spec)()
+
+
+__all__ = ["REDUCTION", "FastV", "PyramidDrop", "Stage", "TokenReduction", "build_reduction", "kept_count"]
