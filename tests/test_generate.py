@@ -8,7 +8,7 @@ from flexvlm.models.generation import generate, generation_steps
 from flexvlm.models.flex_attention import FlexAttention
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import FlexVLM
-from flexvlm.selection import AttentionSelection
+from flexvlm.selection import AttentionSelection, MassSelection
 
 LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -82,17 +82,18 @@ def test_rejects_right_padded_prompts():
         generate(model, ids, mask.flip(-1), images)
 
 
+@pytest.mark.parametrize("selection", [AttentionSelection(threshold=48.0), MassSelection(mass=0.5)])
 @pytest.mark.parametrize("high_res_kv", ["lazy", "prefill"])
-def test_threshold_selection_cache_batch_and_single_agree(high_res_kv):
-    """The release's threshold rule selects a different number of HR tokens per sample and step:
-    padded selections in a batch, and the same HR fraction with and without the cache (the current
-    token's, averaged over steps)."""
-    model = _model("flex", AttentionSelection(threshold=48.0))
+def test_varying_selections_cache_batch_and_single_agree(high_res_kv, selection):
+    """The release's threshold rule and the adaptive mass budget select a different number of HR tokens
+    per sample and step: padded selections in a batch, and the same HR fraction with and without the
+    cache (the current token's, averaged over steps)."""
+    model = _model("flex", selection)
     cached = _cache_batch_and_single_agree(model, high_res_kv)
     ids, mask, images = _prompts()
     steps = list(generation_steps(model, ids, mask, images, max_new_tokens=6))
     fractions = torch.stack([step.hr_fraction for step in steps])
-    assert len(set(fractions.flatten().tolist())) > 1  # the threshold really varies the count
+    assert len(set(fractions.flatten().tolist())) > 1  # the rule really varies the count
     assert torch.allclose(fractions.mean(0), cached.hr_fraction)
 
 

@@ -11,8 +11,8 @@ import torch
 from flexvlm.models.geometry import square_layout
 from flexvlm.registry import Registry
 from flexvlm.selection import (
-    SELECTION, AllSelection, AttentionSelection, CenterSelection, NoSelection, RandomSelection, SelectionContext,
-    SelectionStrategy, build_selection, valid_grid,
+    SELECTION, AllSelection, AttentionSelection, CenterSelection, MassSelection, NoSelection, RandomSelection,
+    SelectionContext, SelectionStrategy, build_selection, valid_grid,
 )
 
 
@@ -233,3 +233,46 @@ def test_margin_rules_on_a_padded_image_are_hand_computed():
     assert rows(valid_grid(quarter, 24, "release")) == rows(valid_grid(quarter, 24)) == list(range(6, 18))
     with pytest.raises(ValueError, match="unknown margin rule"):
         valid_grid(box, 24, "middle")
+
+
+def naive_mass_rule(attn_map, lr_valid, mass, max_ratio):
+    """One row: cells by share of the row's attention over the image, most first (ties: the earlier),
+    taken until the mass taken reaches ``mass`` or the cap is hit -> the set of (row, col) cells."""
+    cells = [(i, j) for i in range(attn_map.shape[0]) for j in range(attn_map.shape[1]) if lr_valid[i, j]]
+    total = sum(float(attn_map[c]) for c in cells)
+    ranked = sorted(cells, key=lambda c: (-float(attn_map[c]) / total, c[0] * attn_map.shape[1] + c[1]))
+    cap = max(1, round(len(cells) * max_ratio))
+    taken, held = [], 0.0
+    for cell in ranked:
+        if len(taken) == cap or (taken and held >= mass):
+            break
+        taken.append(cell)
+        held += float(attn_map[cell]) / total
+    return set(taken)
+
+
+@pytest.mark.parametrize("mass,max_ratio", [(0.5, 1.0), (0.9, 1.0), (0.9, 0.25), (1e-6, 1.0), (1.0, 1.0)])
+def test_mass_selection_matches_the_naive_rule_per_row(mass, max_ratio):
+    torch.manual_seed(5)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.0, 0.75, 1.0]])  # the second: a padded image
+    ctx = _ctx(b=2, box=box)
+    attn = torch.rand(2, 3, 4, 4) ** 4  # peaked and diffuse rows alike
+    attn[0, 1] = 0.0
+    attn[0, 1, 2, 3] = 1.0  # one cell holds everything: one cell
+    mask = MassSelection(mass=mass, max_ratio=max_ratio)(attn, ctx)
+    for b in range(2):
+        for r in range(3):
+            cells = naive_mass_rule(attn[b, r], ctx.lr_valid[b], mass, max_ratio)
+            expected = torch.zeros(12, 12, dtype=torch.bool)
+            for i, j in cells:
+                expected[3 * i : 3 * i + 3, 3 * j : 3 * j + 3] = True
+            assert torch.equal(mask[b, r], expected & ctx.hr_valid[b]), (b, r)
+    assert int(mask[0, 1].sum()) == 9  # the peaked row: one cell of 3 x 3 high-res tokens
+
+
+def test_mass_selection_is_refused_outside_its_range_and_named():
+    with pytest.raises(ValueError, match="mass must be in"):
+        MassSelection(mass=0.0)
+    with pytest.raises(ValueError, match="max_ratio must be in"):
+        MassSelection(max_ratio=1.5)
+    assert isinstance(build_selection("attention_mass"), MassSelection)

@@ -7,6 +7,7 @@ from flexvlm.selection.base import (
     SELECTION, BlockSelection, Budget, SelectionContext, SelectionStrategy, valid_grid,
 )
 from flexvlm.selection.baselines import AllSelection, CenterSelection, NoSelection, RandomSelection
+from flexvlm.selection.mass import MassSelection
 
 
 def build_selection(spec: str | SelectionStrategy) -> SelectionStrategy:
@@ -18,5 +19,6 @@ def build_selection(spec: str | SelectionStrategy) -> SelectionStrategy:
 
 __all__ = [
     "SELECTION", "AllSelection", "AttentionSelection", "BlockSelection", "Budget", "CenterSelection",
-    "NoSelection", "RandomSelection", "SelectionContext", "SelectionStrategy", "build_selection", "valid_grid",
+    "MassSelection", "NoSelection", "RandomSelection", "SelectionContext", "SelectionStrategy", "build_selection",
+    "valid_grid",
 ]
