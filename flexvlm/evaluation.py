@@ -82,11 +82,14 @@ def gather_records(records: list[Record]) -> list[Record]:
 
 def _records(module: Answerer, batch: Batch, answers: list[str], fraction: Tensor,
              extras: list[Record]) -> list[Record]:
+    """One record a sample, with the sample's ``tags`` where its dataset gives them (a dict: its
+    question kind, ...), so that results split by them."""
     prompts = prompt_texts(batch, module.tokenizer)
+    tags = [{"tags": tag} for tag in batch["tags"]] if "tags" in batch else [{}] * len(answers)
     return [
-        {"question_id": qid, "prompt": prompt, "answer": answer, "hr_fraction": f, **extra}
-        for qid, prompt, answer, f, extra in zip(batch["question_id"], prompts, answers, fraction.tolist(), extras,
-                                                 strict=True)
+        {"question_id": qid, "prompt": prompt, "answer": answer, "hr_fraction": f, **tag, **extra}
+        for qid, prompt, answer, f, tag, extra in zip(batch["question_id"], prompts, answers, fraction.tolist(), tags,
+                                                      extras, strict=True)
     ]
 
 

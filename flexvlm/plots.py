@@ -16,48 +16,81 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [low + (high - low) * i / (count - 1) for i in range(count)]
 
 
+class _Axes:
+    """Accuracy (0 to 1) against a cost or budget axis: the frame, the ticks, the labels."""
+
+    def __init__(self, xs: list[float], x_label: str, title: str, log_x: bool) -> None:
+        self.image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+        self.draw = ImageDraw.Draw(self.image)
+        self.scale = math.log10 if log_x else (lambda v: v)
+        scaled = [self.scale(x) for x in xs]
+        spread = (max(scaled) - min(scaled)) or 1.0
+        self.x_low, self.x_high = min(scaled) - 0.05 * spread, max(scaled) + 0.05 * spread
+        self.left, self.right, self.top, self.bottom = MARGIN, WIDTH - 200, MARGIN // 2, HEIGHT - MARGIN
+        draw = self.draw
+        draw.rectangle([self.left, self.top, self.right, self.bottom], outline="black")
+        for y in _ticks(0.0, 1.0, 6):
+            x0, y0 = self.at_scaled(self.x_low, y)
+            draw.line([(x0, y0), (x0 - 4, y0)], fill="black")
+            draw.text((self.left - 34, y0 - 6), f"{y:.1f}", fill="black")
+        for x in _ticks(self.x_low, self.x_high):
+            x0, y0 = self.at_scaled(x, 0.0)
+            draw.line([(x0, y0), (x0, self.bottom + 4)], fill="black")
+            value = 10**x if log_x else x
+            draw.text((x0 - 12, self.bottom + 8), f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}", fill="black")
+        draw.text(((self.left + self.right) // 2 - 60, HEIGHT - 24), x_label + (" (log scale)" if log_x else ""),
+                  fill="black")
+        draw.text((8, self.top - 12), "accuracy", fill="black")
+        draw.text((self.left, 4), title, fill="black")
+
+    def at_scaled(self, x: float, y: float) -> tuple[float, float]:
+        """Pixel position of ``x`` (already on the axis' scale) and accuracy ``y``."""
+        return (self.left + (x - self.x_low) / (self.x_high - self.x_low) * (self.right - self.left),
+                self.bottom - y * (self.bottom - self.top))
+
+    def point(self, x: float, accuracy: float, std: float, fill: tuple[int, int, int]) -> tuple[float, float]:
+        """A dot with its +- std bar (within the axes) -> its pixel position."""
+        cost = self.scale(x)
+        if std:
+            low, high = max(0.0, accuracy - std), min(1.0, accuracy + std)
+            self.draw.line([self.at_scaled(cost, low), self.at_scaled(cost, high)], fill=fill, width=2)
+        px, py = self.at_scaled(cost, accuracy)
+        self.draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=fill, outline="black")
+        return px, py
+
+    def legend(self, names: list[str], colours: dict[str, tuple[int, int, int]]) -> None:
+        for i, name in enumerate(names):  # right of the axes
+            y = self.top + 10 + 18 * i
+            self.draw.ellipse([self.right + 16, y, self.right + 26, y + 10], fill=colours[name], outline="black")
+            self.draw.text((self.right + 32, y - 1), name, fill="black")
+
+
 def accuracy_flops_plot(rows: list[dict], title: str = "accuracy vs cost per sample", log_x: bool = False) -> Image.Image:
     """A scatter of ``accuracy`` (with ``accuracy_std`` as an error bar) against ``mflops_per_sample``,
     one colour per mode and selection strategy, each point labelled with its ``config``. ``log_x``:
     a logarithmic cost axis, for costs that span orders of magnitude (several model sizes)."""
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    scale = math.log10 if log_x else (lambda v: v)
-    xs = [scale(r["mflops_per_sample"]) for r in rows]
-    spread = (max(xs) - min(xs)) or 1.0
-    x_low, x_high = min(xs) - 0.05 * spread, max(xs) + 0.05 * spread
-    left, right, top, bottom = MARGIN, WIDTH - 200, MARGIN // 2, HEIGHT - MARGIN
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        """Pixel position of cost ``x`` (already on the axis' scale) and accuracy ``y``."""
-        return (left + (x - x_low) / (x_high - x_low) * (right - left), bottom - y * (bottom - top))
-
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for y in _ticks(0.0, 1.0, 6):
-        draw.line([at(x_low, y), (at(x_low, y)[0] - 4, at(x_low, y)[1])], fill="black")
-        draw.text((left - 34, at(x_low, y)[1] - 6), f"{y:.1f}", fill="black")
-    for x in _ticks(x_low, x_high):
-        draw.line([at(x, 0.0), (at(x, 0.0)[0], bottom + 4)], fill="black")
-        draw.text((at(x, 0.0)[0] - 12, bottom + 8), f"{10 ** x if log_x else x:.1f}", fill="black")
-    axis = "MFLOPs per sample" + (" (log scale)" if log_x else "")
-    draw.text(((left + right) // 2 - 60, HEIGHT - 24), axis, fill="black")
-    draw.text((8, top - 12), "accuracy", fill="black")
-    draw.text((left, 4), title, fill="black")
-    kinds = sorted({(r["mode"], r["selection"]) for r in rows})
+    axes = _Axes([r["mflops_per_sample"] for r in rows], "MFLOPs per sample", title, log_x)
+    kinds = sorted({r["mode"] if r["selection"] == "-" else f"{r['mode']} / {r['selection']}" for r in rows})
     colour = {kind: COLOURS[i % len(COLOURS)] for i, kind in enumerate(kinds)}
     for i, row in enumerate(sorted(rows, key=lambda r: r["mflops_per_sample"])):
-        cost = scale(row["mflops_per_sample"])
-        x, y = at(cost, row["accuracy"])
-        fill = colour[(row["mode"], row["selection"])]
-        std = row.get("accuracy_std") or 0.0
-        if std:
-            low, high = max(0.0, row["accuracy"] - std), min(1.0, row["accuracy"] + std)  # within the axes
-            draw.line([at(cost, low), at(cost, high)], fill=fill, width=2)
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=fill, outline="black")
+        kind = row["mode"] if row["selection"] == "-" else f"{row['mode']} / {row['selection']}"
+        x, y = axes.point(row["mflops_per_sample"], row["accuracy"], row.get("accuracy_std") or 0.0, colour[kind])
         # labels of neighbours staggered up and down, so that points at one accuracy stay legible
-        draw.text((x + 7, y - 6 + 11 * (i % 3 - 1)), row["config"], fill=(60, 60, 60))
-    for i, (mode, selection) in enumerate(kinds):  # the legend, right of the axes
-        y = top + 10 + 18 * i
-        draw.ellipse([right + 16, y, right + 26, y + 10], fill=colour[(mode, selection)], outline="black")
-        draw.text((right + 32, y - 1), mode if selection == "-" else f"{mode} / {selection}", fill="black")
-    return image
+        axes.draw.text((x + 7, y - 6 + 11 * (i % 3 - 1)), row["config"], fill=(60, 60, 60))
+    axes.legend(kinds, colour)
+    return axes.image
+
+
+def accuracy_budget_plot(series: dict[str, list[tuple[float, float, float]]],
+                         title: str = "accuracy vs budget", x_label: str = "share of the high-res tokens kept",
+                         log_x: bool = True) -> Image.Image:
+    """One line per method: ``series`` method -> (budget, accuracy, std) points, the paper's Figure-1
+    kind of picture; a logarithmic budget axis by default (budgets from 2.5 % to 40 %)."""
+    axes = _Axes([b for points in series.values() for b, _, _ in points], x_label, title, log_x)
+    colour = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(series)}
+    for name, points in series.items():
+        pixels = [axes.point(b, accuracy, std, colour[name]) for b, accuracy, std in sorted(points)]
+        if len(pixels) > 1:
+            axes.draw.line(pixels, fill=colour[name], width=2)
+    axes.legend(list(series), colour)
+    return axes.image

@@ -19,12 +19,20 @@ The seed sets ``seed_everything`` (initialisation) and the training order
 subprocess of ``python -m flexvlm fit``, in ``<save_dir>/<study>/<mode>/seed<k>``; a run that
 finished with the same configs (their content), seed and arguments, and for stage 2 from the same
 stage-1 weights, is reused (``flexvlm.runs``), so an interrupted protocol picks up where it stopped
-and a changed config trains what it changes again. The
-results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
-the schedule choice and the targets), ``<out>/accuracy_vs_flops.png`` (a point per study and mode).
-A stage-2 row also has the FLOPs of a whole greedy generation
-per sample (first test batch, the run's final weights; counted once, also for a run finished before)
-and the run's wall time (training and test, as a subprocess).
+and a changed config trains what it changes again.
+
+A study may also give ``budgets`` (shares of the high-res tokens kept) and ``budgeted`` (mode -> the
+dotted setting that takes a budget, e.g. ``model.model.init_args.selection.init_args.ratio``): such a
+mode runs once per budget, as ``mode@budget``; and ``evaluations`` (mode -> a mode it trains): a
+training-free method (FastV) is not trained but tested, per seed, from the weights of that mode's
+stage-2 run (hd's), under that mode's configs with its own file stacked last.
+
+The results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
+accuracy split by the answers' tags where a dataset gives them, e.g. the question kind, the schedule
+choice and the targets), ``<out>/accuracy_vs_flops.png`` (a point per study and mode) and, with
+budgets, ``<out>/accuracy_vs_budget.png`` (a line per study and budgeted mode). A tested row also
+has the FLOPs of a whole greedy generation per sample (first test batch, the weights tested; counted
+once, also for a run finished before) and the run's wall time (training and test, as a subprocess).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from pathlib import Path
 
 import yaml
 
-from flexvlm.plots import accuracy_flops_plot
+from flexvlm.plots import accuracy_budget_plot, accuracy_flops_plot
 from flexvlm.runs import config_contents, reuse_or_train, run_command, written
 from flexvlm.sweep import build_quietly, trained_cost
 
@@ -54,6 +62,30 @@ class Study:
     files: list[str]  # stacked on the base in both stages (e.g. another high-res size)
     modes: list[str]  # experiment names, <experiments>/<mode>.yaml
     seeds: list[int] | None = None  # None: the protocol's
+    budgets: list[float] = field(default_factory=list)  # shares of the high-res tokens kept
+    budgeted: dict[str, str] = field(default_factory=dict)  # mode -> the dotted setting a budget goes to
+    evaluations: dict[str, str] = field(default_factory=dict)  # mode -> the trained mode whose run it tests
+
+    def runs(self) -> list[tuple[str, str, list[str]]]:
+        """(run name, mode, extra arguments): a budgeted mode once per budget (``mode@budget``)."""
+        runs = []
+        for mode in self.modes:
+            if mode in self.budgeted:
+                runs += [(f"{mode}@{b:g}", mode, [f"--{self.budgeted[mode]}", str(b)]) for b in self.budgets]
+            else:
+                runs.append((mode, mode, []))
+        return runs
+
+    def check(self) -> None:
+        if unknown := sorted((set(self.budgeted) | set(self.evaluations)) - set(self.modes)):
+            raise ValueError(f"study {self.name!r}: budgeted / evaluations name modes it does not run: {unknown}")
+        if bool(self.budgets) != bool(self.budgeted):
+            raise ValueError(f"study {self.name!r}: budgets and budgeted go together (the shares, and the modes' "
+                             f"settings that take them)")
+        for mode, trained in self.evaluations.items():
+            if trained not in self.modes or trained in self.evaluations or trained in self.budgeted:
+                raise ValueError(f"study {self.name!r}: {mode} is tested from {trained!r}, which must be a mode the "
+                                 f"study trains once a seed (no evaluation, no budget)")
 
 
 @dataclass
@@ -75,7 +107,13 @@ class Protocol:
         known = {"base", "experiments", "stage1", "stage2", "seeds", "save_dir", "studies", "schedule", "targets"}
         if unknown := set(raw) - known:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
-        studies = [Study(name, list(s.get("files", [])), list(s["modes"]), s.get("seeds"))
+        study_keys = {"files", "modes", "seeds", "budgets", "budgeted", "evaluations"}
+        for name, s in raw["studies"].items():
+            if unknown := set(s) - study_keys:
+                raise ValueError(f"{path}: study {name!r} has unknown keys {sorted(unknown)}; valid: {sorted(study_keys)}")
+        studies = [Study(name, list(s.get("files", [])), list(s["modes"]), s.get("seeds"),
+                         [float(b) for b in s.get("budgets", [])], dict(s.get("budgeted", {})),
+                         dict(s.get("evaluations", {})))
                    for name, s in raw["studies"].items()]
         schedule = raw.get("schedule") or {"modes": [], "candidates": {"default": []}}
         protocol = cls(raw["base"], raw["experiments"], raw["stage1"], raw["stage2"], list(raw["seeds"]),
@@ -97,6 +135,8 @@ class Protocol:
             raise FileNotFoundError(f"protocol names missing configs: {', '.join(missing)}")
         if not self.seeds:
             raise ValueError("protocol needs at least one seed")
+        for study in self.studies:
+            study.check()
 
 
 def _cli_args(configs: list[str], folder: Path, seed: int, extra: list[str]) -> list[str]:
@@ -113,9 +153,17 @@ def _cli_args(configs: list[str], folder: Path, seed: int, extra: list[str]) -> 
 def _fit(configs: list[str], folder: Path, seed: int, extra: list[str], test: bool, lock: int) -> float:
     """One training run (``fit``, then ``test`` when asked) into ``folder``, whose ``lock`` it holds
     too; -> wall seconds."""
+    return _launch("fit", configs, folder, seed, [*extra, "--test_after_fit", str(test).lower()], lock)
+
+
+def _test(configs: list[str], folder: Path, seed: int, extra: list[str], checkpoint: Path, lock: int) -> float:
+    """One test of ``checkpoint``'s weights under ``configs`` into ``folder``; -> wall seconds."""
+    return _launch("test", configs, folder, seed, [*extra, "--ckpt_path", str(checkpoint.resolve())], lock)
+
+
+def _launch(subcommand: str, configs: list[str], folder: Path, seed: int, extra: list[str], lock: int) -> float:
     args = _cli_args(configs, folder, seed, extra)
-    command = [sys.executable, "-m", "flexvlm", "fit", *args, "--trainer.enable_progress_bar", "false",
-               "--test_after_fit", str(test).lower()]
+    command = [sys.executable, "-m", "flexvlm", subcommand, *args, "--trainer.enable_progress_bar", "false"]
     print(f"[protocol] {folder}: {' '.join(command)}", flush=True)
     start = time.monotonic()
     code = run_command(command, str(folder / "protocol.log"), keep_open=(lock,))
@@ -130,6 +178,21 @@ def _record(configs: list[str], seed: int, extra: list[str], init: Path | None =
     written (a retrained stage 1 retrains its stage 2)."""
     return {"configs": config_contents(configs), "seed": seed, "extra": extra,
             "init_written": written(init) if init is not None else None}
+
+
+def _test_result(folder: Path) -> dict:
+    """A tested run's accuracy and HR fraction (metrics.json), and its accuracy split by each tag of its
+    answers (answers.jsonl; a dataset's ``tags``, e.g. the question kind), ``tag=value`` -> mean score."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    result = {"accuracy": metrics["test/accuracy"], "hr_fraction": metrics.get("test/hr_fraction")}
+    scores: dict[str, list[float]] = {}
+    with open(folder / "answers.jsonl") as f:
+        for record in map(json.loads, f):
+            for tag, value in record.get("tags", {}).items():
+                scores.setdefault(f"{tag}={value}", []).append(record["score"])
+    if scores:
+        result["by_tag"] = {key: statistics.mean(values) for key, values in sorted(scores.items())}
+    return result
 
 
 def _last_value(folder: Path, column: str) -> float:
@@ -162,34 +225,63 @@ class Runner:
                        reuse=lambda: None, finished=DONE)
         return ckpt
 
-    def stage2(self, study: Study, mode: str, seed: int, schedule: str, test: bool = True) -> dict:
-        """One stage-2 run from the stage-1 weights of its seed, trained when missing -> its row."""
+    def stage2(self, study: Study, mode: str, seed: int, schedule: str, test: bool = True, name: str | None = None,
+               settings: list[str] = ()) -> dict:
+        """One stage-2 run from the stage-1 weights of its seed, trained when missing -> its row.
+        ``name``: the run's (default: the mode's; ``mode@budget`` with the budget's ``settings``)."""
         p = self.protocol
-        name = mode if test else f"{mode}-{schedule}"
+        name = name or (mode if test else f"{mode}-{schedule}")
         folder = self.save_dir / study.name / name / f"seed{seed}"
         done = folder / DONE
         configs = [p.base, *study.files, p.mode_file(mode), p.stage2]
         init = self.stage1(study, seed)
-        extra = [*p.candidates[schedule], "--model.init_from", str(init.resolve())]
+        extra = [*p.candidates[schedule], *settings, "--model.init_from", str(init.resolve())]
 
         def train(lock: int) -> None:
             wall = _fit(configs, folder, seed, extra, test=test, lock=lock)
             result = {"wall_s": round(wall)}
-            if test:
-                metrics = json.loads((folder / "metrics.json").read_text())
-                result |= {"accuracy": metrics["test/accuracy"], "hr_fraction": metrics.get("test/hr_fraction")}
-            else:
-                result["val_accuracy"] = _last_value(folder, "val/accuracy")
+            result |= _test_result(folder) if test else {"val_accuracy": _last_value(folder, "val/accuracy")}
             done.write_text(json.dumps(result))
 
         reuse_or_train(folder, _record(configs, seed, extra, init), f"[protocol] {study.name} {name} seed {seed}",
                        train, reuse=lambda: None, finished=DONE)
+        if test:
+            self._count_flops(done, configs, folder, seed, [*p.candidates[schedule], *settings],
+                              folder / "checkpoints" / "last.ckpt")
+        return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
+                **json.loads(done.read_text())}
+
+    def evaluate(self, study: Study, name: str, mode: str, seed: int, schedule: str, settings: list[str]) -> dict:
+        """A training-free method (``study.evaluations``): the weights of the stage-2 run of the mode it
+        is tested from, same seed, tested under that mode's configs and its own -> its row."""
+        p = self.protocol
+        trained = study.evaluations[mode]
+        self.stage2(study, trained, seed, schedule)
+        source = self.save_dir / study.name / trained / f"seed{seed}" / "checkpoints" / "last.ckpt"
+        folder = self.save_dir / study.name / name / f"seed{seed}"
+        done = folder / DONE
+        configs = [p.base, *study.files, p.mode_file(trained), p.stage2, p.mode_file(mode)]
+
+        def test(lock: int) -> None:
+            wall = _test(configs, folder, seed, list(settings), source, lock)
+            done.write_text(json.dumps({"wall_s": round(wall), **_test_result(folder)}))
+
+        reuse_or_train(folder, _record(configs, seed, list(settings), source),
+                       f"[protocol] {study.name} {name} seed {seed} (tested from {trained})", test, reuse=lambda: None,
+                       finished=DONE)
+        self._count_flops(done, configs, folder, seed, list(settings), source)
+        return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
+                **json.loads(done.read_text())}
+
+    @staticmethod
+    def _count_flops(done: Path, configs: list[str], folder: Path, seed: int, extra: list[str],
+                     checkpoint: Path) -> None:
+        """The FLOPs of a generation per sample, once per run (also for a run finished before)."""
         result = json.loads(done.read_text())
-        if test and "mflops_per_sample" not in result:  # counted once, also for runs finished before
-            cli = build_quietly(_cli_args(configs, folder, seed, p.candidates[schedule]))
-            result["mflops_per_sample"] = trained_cost(cli, folder / "checkpoints" / "last.ckpt")["mflops_per_sample"]
+        if "mflops_per_sample" not in result:
+            cli = build_quietly(_cli_args(configs, folder, seed, extra))
+            result["mflops_per_sample"] = trained_cost(cli, checkpoint)["mflops_per_sample"]
             done.write_text(json.dumps(result))
-        return {"study": study.name, "config": name, "seed": seed, "schedule": schedule, **result}
 
     def choose_schedule(self) -> tuple[str, list[dict]]:
         """The candidate with the best mean final validation accuracy over the schedule modes."""
@@ -213,7 +305,9 @@ class Runner:
                 rows.append({"study": study.name, "config": STAGE1, "seed": seed, "schedule": "-",
                              "accuracy": metrics["test/accuracy"], "hr_fraction": None,
                              **json.loads((stage1.parent.parent / DONE).read_text())})
-                rows += [self.stage2(study, mode, seed, chosen) for mode in study.modes]
+                rows += [self.evaluate(study, name, mode, seed, chosen, settings) if mode in study.evaluations
+                         else self.stage2(study, mode, seed, chosen, name=name, settings=settings)
+                         for name, mode, settings in study.runs()]
         report = {"schedule": chosen, "schedule_rows": schedule_rows, "rows": rows, "summary": summarise(rows)}
         report["targets"] = check_targets(report["summary"], p.targets) if p.targets else []
         self.write(report)
@@ -233,6 +327,14 @@ class Runner:
         if points:
             accuracy_flops_plot(points, "test accuracy vs FLOPs per sample (mean +- std over seeds)",
                                 log_x=True).save(self.out / "accuracy_vs_flops.png")
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for (study, config), s in report["summary"].items():
+            if "@" in config:  # a budgeted run, mode@budget
+                mode, budget = config.rsplit("@", 1)
+                series.setdefault(f"{study}: {mode}", []).append((float(budget), s["accuracy"], s["accuracy_std"]))
+        if series:
+            accuracy_budget_plot(series, "test accuracy vs budget (mean +- std over seeds)").save(
+                self.out / "accuracy_vs_budget.png")
         print((self.out / "results.md").read_text(), flush=True)
 
 
@@ -246,11 +348,14 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
         acc = [r["accuracy"] for r in group]
         hr = [r["hr_fraction"] for r in group if r["hr_fraction"] is not None]
         flops = [r["mflops_per_sample"] for r in group if r.get("mflops_per_sample") is not None]
+        tags = sorted({tag for r in group for tag in r.get("by_tag", {})})
         summary[key] = {
             "accuracy": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "hr_fraction": statistics.mean(hr) if hr else None, "seeds": len(group),
             "mflops_per_sample": statistics.mean(flops) if flops else None,
             "wall_s": statistics.mean(r["wall_s"] for r in group),
+            "by_tag": {tag: statistics.mean(r["by_tag"][tag] for r in group if tag in r.get("by_tag", {}))
+                       for tag in tags},
         }
     return summary
 
@@ -300,6 +405,13 @@ def markdown(report: dict, protocol: Protocol) -> str:
         flops = "-" if s["mflops_per_sample"] is None else f"{s['mflops_per_sample']:.2f}"
         lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {flops} "
                      f"| {s['wall_s']:.0f} | {s['seeds']} |")
+    tags = sorted({tag for s in report["summary"].values() for tag in s["by_tag"]})
+    if tags:
+        lines += ["", "Test accuracy by the answers' tags (mean over seeds):", "",
+                  "| study | config | " + " | ".join(tags) + " |", "|---" * (len(tags) + 2) + "|"]
+        for (study, config), s in report["summary"].items():
+            cells = [f"{s['by_tag'][t]:.3f}" if t in s["by_tag"] else "-" for t in tags]
+            lines.append(f"| {study} | {config} | " + " | ".join(cells) + " |")
     if report["targets"]:
         lines += ["", "| target | measured (means) | holds? |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in report["targets"]]

@@ -44,7 +44,7 @@ def test_shipped_yaml_parses(config, capsys):
     assert "class_path: flexvlm.models.vlm.FlexVLM" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex_attn"])
+@pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex_attn", "pyramid_drop"])
 def test_fit_then_test_each_mode(mode, tmp_path):
     config = ROOT / "experiments" / "synthetic" / f"{mode}.yaml"
     main(["fit", "--config", BASE, "--config", str(config), *_small(tmp_path), "--trainer.max_steps", "2",

@@ -220,7 +220,7 @@ def test_grounding_targets_are_the_cells_each_answer_token_is_read_from():
         answer = item["answer"].split()
         assert (cells[len(answer):] == IGNORE_INDEX).all()  # the end token's row and beyond
         kinds = [CLASS_NAMES[c - 1] for c in item["aux_lr_colour"][cells[: len(answer)]].tolist()]
-        if item["question_kind"] == "read":
+        if item["tags"]["question_kind"] == "read":
             assert kinds == item["question"].split()
         else:
             assert kinds == [PLAIN]
@@ -282,7 +282,7 @@ def test_the_model_trains_on_its_batches_with_grounding_per_answer_token():
     data.fit_to_model(sequence_limits(model, ANSWER_ROWS))
     batch = next(iter(data.train_dataloader()))
     assert batch["aux_query_cell"].shape == (8, ANSWER_ROWS)
-    assert set(batch["question_kind"]) <= {"read", "relational"} and len(batch["target_size"]) == 8
+    assert {t["question_kind"] for t in batch["tags"]} <= {"read", "relational"} and len(batch["tags"]) == 8
     out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["content_box"],
                 labels=batch["labels"], map_grad=True)
     rows = max(len(a.split()) for a in batch["answer"]) + 1  # a selecting row per answer token and the end token

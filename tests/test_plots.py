@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flexvlm.plots import COLOURS, WIDTH, accuracy_flops_plot
+from flexvlm.plots import COLOURS, MARGIN, WIDTH, accuracy_budget_plot, accuracy_flops_plot
 
 
 def _centres(image, count):
@@ -26,3 +26,23 @@ def test_points_sit_where_their_cost_and_accuracy_put_them(log_x):
     assert middle == pytest.approx(0.5 if log_x else 9 / 99, abs=0.02)
     assert (y1 - y0) / (y2 - y0) == pytest.approx(0.5, abs=0.02)  # accuracy is linear either way
     assert y0 > y1 > y2  # higher accuracy, higher up
+
+
+def test_budget_lines_join_each_methods_points_in_budget_order():
+    """Two methods at three budgets, evenly spaced on the log axis (x4 each): at each budget's column
+    a method's colour sits at its accuracy there (heights in the accuracies' proportions), and a line of
+    it spans the budgets."""
+    series = {"attention": [(0.4, 0.9, 0.0), (0.025, 0.5, 0.0), (0.1, 0.8, 0.05)],
+              "fastv": [(0.025, 0.2, 0.0), (0.1, 0.3, 0.0), (0.4, 0.6, 0.0)]}
+    pixels = np.asarray(accuracy_budget_plot(series))
+    left, right = MARGIN, WIDTH - 200  # the frame
+    # the axis spans the budgets' logs padded by 5 % at both ends: columns at 0.05, 0.55, 1.05 of 1.1
+    columns = [round(left + (right - left) * f / 1.1) for f in (0.05, 0.55, 1.05)]
+    for colour, accuracies in zip(COLOURS[:2], ([0.5, 0.8, 0.9], [0.2, 0.3, 0.6])):
+        mine = (pixels == colour).all(axis=-1)
+        heights = [np.nonzero(mine[:, c - 2 : c + 3].any(axis=1))[0].mean() for c in columns]
+        assert (heights[1] - heights[0]) / (heights[2] - heights[0]) == pytest.approx(
+            (accuracies[1] - accuracies[0]) / (accuracies[2] - accuracies[0]), abs=0.08)
+        assert heights[0] > heights[2]  # higher accuracy, higher up
+        xs = np.nonzero(mine[:, :right].any(axis=0))[0]
+        assert xs.min() <= columns[0] and xs.max() >= columns[2]

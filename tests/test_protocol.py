@@ -65,7 +65,10 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert flex["hr_fraction"] == pytest.approx(0.15) and flex["seeds"] == 3
     assert flex["wall_s"] == pytest.approx(20) and flex["mflops_per_sample"] == pytest.approx(3.0)
     assert summary[("main", "hd")] == {"accuracy": 1.0, "accuracy_std": 0.0, "hr_fraction": None, "seeds": 1,
-                                       "mflops_per_sample": None, "wall_s": 10}
+                                       "mflops_per_sample": None, "wall_s": 10, "by_tag": {}}
+    tagged = [{**_row("flex", 0, 0.5), "by_tag": {"kind=read": 0.4, "kind=relational": 0.6}},
+              {**_row("flex", 1, 0.7), "by_tag": {"kind=read": 0.8}}]
+    assert summarise(tagged)[("main", "flex")]["by_tag"] == pytest.approx({"kind=read": 0.6, "kind=relational": 0.6})
 
 
 def test_targets_are_checked_on_the_means():
@@ -86,9 +89,10 @@ def test_targets_are_checked_on_the_means():
 
 
 def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
-    """One seed, two schedule candidates, two modes, a few steps each (five real runs: the default
-    suite's budget): every stage-2 run starts from the stage-1 weights, and the schedule is picked on
-    validation accuracy. (Each seed's own stage 1: the bookkeeping test below.)"""
+    """One seed, two schedule candidates, two modes and a training-free one, a few steps each (six real
+    runs: the default suite's budget): every stage-2 run starts from the stage-1 weights, the schedule
+    is picked on validation accuracy, and FastV is tested from hd's weights. (Each seed's own stage 1:
+    the bookkeeping test below.)"""
     last = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {"save_last": True, "every_n_train_steps": 2}}
     tiny = {"trainer": {"max_steps": 2, "val_check_interval": 2, "callbacks": [last], "logger": {
@@ -101,7 +105,8 @@ def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
     (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(stage2))
     raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
     raw = {**raw, "seeds": [0], "save_dir": str(tmp_path / "runs"),
-           "studies": {"main": {"files": [str(tmp_path / "tiny.yaml")], "modes": ["xattn", "flex_attention_ratio"]}},
+           "studies": {"main": {"files": [str(tmp_path / "tiny.yaml")], "modes": ["hd", "flex_attention_ratio", "fastv"],
+                                "evaluations": {"fastv": "hd"}}},
            "schedule": {"modes": ["flex_attention_ratio"],
                         "candidates": {"slow": ["--model.lr", "1e-9"], "fast": ["--model.lr", "3e-3"]}}}
     raw = {k: str(ROOT / v) if k in ("base", "experiments", "stage1") else v for k, v in raw.items()}
@@ -116,21 +121,26 @@ def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
     runs = tmp_path / "runs" / "main"
     for seed in (0,):
         stage1 = torch.load(runs / "stage1" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
-        config = yaml.safe_load((runs / "xattn" / f"seed{seed}" / "config.yaml").read_text())
+        config = yaml.safe_load((runs / "hd" / f"seed{seed}" / "config.yaml").read_text())
         assert config["model"]["init_from"] == str((runs / "stage1" / f"seed{seed}" / "checkpoints" / "last.ckpt"))
         assert config["seed_everything"] == seed and config["data"]["init_args"]["shuffle_seed"] == seed
         model = config["model"]
-        assert model["model"]["init_args"]["mode"] == "xattn"
+        assert model["model"]["init_args"]["mode"] == "hd"
         assert model["aux_objective"]["init_args"]["grounding_weight"] == 0.0
         assert "k_hr_proj" not in " ".join(stage1["state_dict"])  # stage 1 is the low-res-only model
     rows = list(csv.DictReader(open(tmp_path / "out" / "runs.csv")))
     assert [(r["config"], r["seed"]) for r in rows if r["accuracy"] and r["config"] != "stage1"] == [
-        ("xattn", "0"), ("flex_attention_ratio", "0")]
+        ("hd", "0"), ("flex_attention_ratio", "0"), ("fastv", "0")]
+    fastv = yaml.safe_load((runs / "fastv" / "seed0" / "config.yaml").read_text())
+    assert fastv["ckpt_path"] == str(runs / "hd" / "seed0" / "checkpoints" / "last.ckpt")
+    assert fastv["model"]["model"]["init_args"]["reduction"]["class_path"] == "flexvlm.reduction.FastV"
+    hr = json.loads((runs / "fastv" / "seed0" / "done.json").read_text())["hr_fraction"]
+    assert hr == pytest.approx((1 + 2 * 0.125) / 3)  # all 144 HR tokens in layer 0, 18 in layers 1 and 2
     flex = json.loads((runs / "flex_attention_ratio" / "seed0" / "metrics.json").read_text())["test/accuracy"]
     assert report["summary"][("main", "flex_attention_ratio")]["accuracy"] == pytest.approx(flex)
-    assert "| main | xattn |" in (tmp_path / "out" / "results.md").read_text()
-    # FLOPs of a generation per sample, counted once per stage-2 run and kept with its result
-    for config in ("xattn", "flex_attention_ratio"):
+    assert "| main | fastv |" in (tmp_path / "out" / "results.md").read_text()
+    # FLOPs of a generation per sample, counted once per tested run and kept with its result
+    for config in ("hd", "flex_attention_ratio", "fastv"):
         done = json.loads((runs / config / "seed0" / "done.json").read_text())
         assert done["mflops_per_sample"] > 0
     assert all(float(r["mflops_per_sample"]) > 0 for r in rows if r["accuracy"] and r["config"] != "stage1")
@@ -172,3 +182,60 @@ def test_a_finished_run_is_reused_only_when_its_configs_and_stage1_weights_are_t
     assert trained[4:] == ["main/stage1/seed1", "main/xattn-lr1e-3/seed1"]
     assert starts["main/xattn-lr1e-3/seed1"] == str(tmp_path / "runs" / "main" / "stage1" / "seed1" / "checkpoints"
                                                      / "last.ckpt")
+
+
+def test_budgets_and_training_free_evaluations_run_as_the_study_says(tmp_path, monkeypatch):
+    """Runs faked: a budgeted mode trains once per budget with the budget in its own setting; a
+    training-free mode is tested, per seed, from the weights of that seed's run of the mode it names,
+    under that mode's configs and its own; every tested run's accuracy is split by its answers' tags."""
+    launched = []
+
+    def fake_launch(subcommand, configs, folder, seed, extra, lock):
+        launched.append((subcommand, folder.relative_to(tmp_path / "runs").as_posix(), [Path(c).stem for c in configs],
+                         extra))
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        torch.save({"state_dict": {}}, folder / "checkpoints" / "last.ckpt")
+        (folder / "metrics.json").write_text(json.dumps({"test/accuracy": 0.5, "test/hr_fraction": 0.1}))
+        answers = [{"question_id": str(i), "score": float(i % 2), "tags": {"kind": "read" if i < 2 else "relational"}}
+                   for i in range(4)]
+        (folder / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+        return 1.0
+
+    monkeypatch.setattr(protocol_module, "_launch", fake_launch)
+    monkeypatch.setattr(Runner, "_count_flops", staticmethod(lambda *args: None))
+    raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
+    raw = {k: str(ROOT / v) if k in ("base", "experiments", "stage1", "stage2") else v for k, v in raw.items()}
+    raw.pop("targets")
+    raw |= {"save_dir": str(tmp_path / "runs"), "seeds": [0, 1], "schedule": None, "studies": {"main": {
+        "modes": ["hd", "flex_attention_ratio", "flex_random_ratio"], "budgets": [0.05, 0.2],
+        "budgeted": {"flex_attention_ratio": "model.model.init_args.selection.init_args.ratio"},
+        "evaluations": {"flex_random_ratio": "hd"}}}}
+    (tmp_path / "protocol.yaml").write_text(yaml.safe_dump(raw))
+    report = Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()
+
+    tests = [(folder, configs, extra) for command, folder, configs, extra in launched if command == "test"]
+    hd_weights = str((tmp_path / "runs" / "main" / "hd" / "seed1" / "checkpoints" / "last.ckpt").resolve())
+    assert tests[1] == ("main/flex_random_ratio/seed1", ["synthetic", "hd", "stage2", "flex_random_ratio"],
+                        ["--ckpt_path", hd_weights])
+    fits = {folder: extra for command, folder, _, extra in launched if command == "fit"}
+    assert set(fits) == {f"main/{run}/seed{s}" for s in (0, 1) for run in
+                         ("stage1", "hd", "flex_attention_ratio@0.05", "flex_attention_ratio@0.2")}
+    budget = fits["main/flex_attention_ratio@0.2/seed1"]
+    assert budget[budget.index("--model.model.init_args.selection.init_args.ratio") + 1] == "0.2"
+    assert [r["config"] for r in report["rows"] if r["seed"] == 0] == [
+        "stage1", "hd", "flex_attention_ratio@0.05", "flex_attention_ratio@0.2", "flex_random_ratio"]
+    assert report["summary"][("main", "flex_random_ratio")]["by_tag"] == {"kind=read": 0.5, "kind=relational": 0.5}
+    assert "| main | flex_random_ratio | 0.500 | 0.500 |" in (tmp_path / "out" / "results.md").read_text()
+    assert Image.open(tmp_path / "out" / "accuracy_vs_budget.png").size == (720, 480)
+
+
+def test_a_study_that_tests_a_budgeted_or_unknown_mode_is_refused(tmp_path):
+    raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
+    raw["studies"]["main"] |= {"evaluations": {"flex_random_ratio": "nowhere"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="flex_random_ratio is tested from 'nowhere'"):
+        Protocol.load(tmp_path / "bad.yaml")
+    raw["studies"]["main"] |= {"evaluations": {}, "budgets": [0.1]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="budgets and budgeted go together"):
+        Protocol.load(tmp_path / "bad.yaml")

@@ -252,3 +252,19 @@ def test_readme_reduction_example_runs():
     exec(code, namespace)
     pruning = _prompt_pass(_model(namespace["DropOnce"]()), torch.tensor([[IMAGE_TOKEN_INDEX, 5, 6]]))
     assert [(s.start, int(s.image.sum())) for s in pruning.segments] == [(0, 144), (2, 14)]
+
+
+def test_a_budget_sets_each_methods_own_setting():
+    """keep, the share of the image tokens the layers after the first drop see: FastV's 1 - R, and
+    PyramidDrop's lambda whose stages average to it (layers 1, 2, 3 of 4: lambda, lambda^2 and lambda^3
+    for a layer each)."""
+    assert FastV(keep=0.1).r == pytest.approx(0.9) and FastV().r == 0.5
+    stages = PyramidDrop(layers=[1, 2, 3], keep=0.2).stages(4)
+    ratio = stages[0].keep
+    assert sum(s.keep for s in stages) / 3 == pytest.approx(0.2, abs=1e-9)
+    assert [s.keep for s in stages] == pytest.approx([ratio, ratio**2, ratio**3])
+    assert PyramidDrop().stages(32)[0].keep == 0.5
+    with pytest.raises(ValueError, match="not both"):
+        FastV(r=0.5, keep=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        PyramidDrop(ratio=0.5, keep=0.1)

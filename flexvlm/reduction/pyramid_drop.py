@@ -12,14 +12,20 @@ from flexvlm.reduction.base import REDUCTION, Stage, TokenReduction
 class PyramidDrop(TokenReduction):
     renumber_positions = True
 
-    def __init__(self, layers: list[int] | None = None, ratio: float = 0.5) -> None:
+    def __init__(self, layers: list[int] | None = None, ratio: float | None = None, keep: float | None = None) -> None:
         """``layers``: the layers that start a stage (the paper's 8, 16, 24 of LLaMA-7B's 32; default
-        those quarters of any decoder); ``ratio``: lambda, the share of image tokens each stage keeps."""
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"PyramidDrop's lambda is a share, in [0, 1], got {ratio}")
+        those quarters of any decoder); ``ratio``: lambda, the share of image tokens each stage keeps
+        (0.5, the paper's, by default), or instead ``keep``: the mean share of the image tokens that the
+        layers from the first stage on see (the budget a protocol gives every method), which sets lambda."""
+        if ratio is not None and keep is not None:
+            raise ValueError(f"PyramidDrop takes lambda (ratio) or keep, not both (got ratio={ratio}, keep={keep})")
+        for name, share in (("lambda", ratio), ("keep", keep)):
+            if share is not None and not 0.0 <= share <= 1.0:
+                raise ValueError(f"PyramidDrop's {name} is a share, in [0, 1], got {share}")
         if layers is not None and list(layers) != sorted(set(layers)):
             raise ValueError(f"PyramidDrop's stage layers must be distinct and increasing, got {layers}")
-        self.layers, self.ratio = None if layers is None else list(layers), ratio
+        self.layers = None if layers is None else list(layers)
+        self.ratio, self.keep = (0.5 if ratio is None and keep is None else ratio), keep
 
     def stage_layers(self, num_layers: int) -> list[int]:
         if self.layers is not None:
@@ -30,8 +36,26 @@ class PyramidDrop(TokenReduction):
         return quarters
 
     def stages(self, num_layers: int) -> list[Stage]:
-        return [Stage(prune_before=layer, rate_at=layer, keep=self.ratio ** (s + 1))
-                for s, layer in enumerate(self.stage_layers(num_layers))]
+        layers = self.stage_layers(num_layers)
+        ratio = self.ratio if self.ratio is not None else self._ratio_for(self.keep, layers, num_layers)
+        return [Stage(prune_before=layer, rate_at=layer, keep=ratio ** (s + 1)) for s, layer in enumerate(layers)]
+
+    @staticmethod
+    def _ratio_for(keep: float, layers: list[int], num_layers: int) -> float:
+        """lambda whose stages give the layers from the first stage on a mean share ``keep``: the mean,
+        sum over stages of (stage length) lambda^(s + 1) / (layers from the first stage), grows with
+        lambda, so bisection finds it."""
+        lengths = [end - start for start, end in zip(layers, [*layers[1:], num_layers])]
+
+        def mean_share(ratio: float) -> float:
+            return sum(n * ratio ** (s + 1) for s, n in enumerate(lengths)) / sum(lengths)
+
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if mean_share(middle) < keep else (low, middle)
+        return (low + high) / 2
 
     def describe(self) -> str:
-        return f"PyramidDrop(layers={self.layers or 'quarters'}, lambda={self.ratio})"
+        setting = f"lambda={self.ratio}" if self.ratio is not None else f"keep={self.keep}"
+        return f"PyramidDrop(layers={self.layers or 'quarters'}, {setting})"
