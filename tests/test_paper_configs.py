@@ -36,8 +36,9 @@ ON_OTHER_ARCHITECTURES = {
     "llava-onevision-7b-flexattn": "llava-onevision-qwen2-7b-ov-hf",
 }
 # not LightningCLI configs: lmms-eval task files (with `!function` tags) and the protocol runner's files
-NOT_CLI = [ROOT / "configs" / "lmms_eval", *(ROOT / "experiments" / "synthetic" / "protocol" / f"{name}.yaml"
-                                            for name in ("protocol", "axes", "architectures"))]
+NOT_CLI = [ROOT / "configs" / "lmms_eval", ROOT / "experiments" / "regions" / "protocol.yaml",
+           *(ROOT / "experiments" / "synthetic" / "protocol" / f"{name}.yaml" for name in ("protocol", "axes",
+                                                                                           "architectures"))]
 
 
 def cli_stack(path: Path) -> tuple[str, list[Path]]:

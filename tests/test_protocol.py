@@ -29,6 +29,9 @@ def test_the_shipped_protocols_name_existing_configs():
     architectures = Protocol.load(SYNTHETIC / "protocol" / "architectures.yaml")
     assert {Path(f).stem for s in architectures.studies for f in s.files if "/architectures/" in f} == {
         p.stem for p in (SYNTHETIC / "architectures").glob("*.yaml")}
+    regions = Protocol.load(ROOT / "experiments" / "regions" / "protocol.yaml").studies[0]
+    assert regions.budgets == [0.025, 0.05, 0.1, 0.2, 0.4] and regions.evaluations == {"fastv": "hd"}
+    assert len(regions.runs()) == 3 + 5 * 5  # lr_only, hd, xattn; five budgeted methods at five budgets
 
 
 def test_only_the_studies_asked_for_run(monkeypatch):
