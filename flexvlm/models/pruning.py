@@ -16,7 +16,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from flexvlm.models.decoder import AttentionInputs, DecoderLayer, LanguageModel, build_attention_inputs, gather_rows
+from flexvlm.models.decoder import (
+    AttentionInputs, DecoderLayer, KVCache, LanguageModel, build_attention_inputs, gather_rows,
+)
 from flexvlm.models.flex_attention import SelectingRows, mapped_layer, row_probs, selected_first
 from flexvlm.reduction import Stage, TokenReduction, kept_count
 
@@ -50,7 +52,7 @@ class SequencePruning:
 
     # -- the prompt -------------------------------------------------------------------------------
     def run_prompt(self, llm: LanguageModel, embeds: Tensor, attention_mask: Tensor, row_mask: Tensor,
-                   cache) -> Tensor:
+                   cache: KVCache | None) -> Tensor:
         """The decoder loop over a whole prompt (no cached keys before it): -> hidden states after the
         final norm, (B, N, D) in the prompt's order."""
         inputs = llm.attention_inputs(embeds, attention_mask, cache)
