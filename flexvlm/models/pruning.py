@@ -134,6 +134,10 @@ class SequencePruning:
         seen = sum((end - s.start) * s.image.sum(-1) for s, end in zip(self.segments, ends))
         return seen / (total * self.num_layers)
 
+    def row_fraction(self) -> Tensor:
+        """(B, 1): ``image_fraction`` as ``HighResState.row_fraction`` reports a selection's, every row alike."""
+        return self.image_fraction()[:, None]
+
 
 def _keep(scores: Tensor, current: Segment, counts: Tensor) -> Tensor:
     """(B, n) the tokens a stage keeps: every real text token, and each sample's ``counts`` image

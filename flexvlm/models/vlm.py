@@ -431,8 +431,7 @@ class FlexVLM(nn.Module):
         out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
                         selection_maps=maps)
         if inputs.pruning is not None:
-            out.sample_fraction = inputs.pruning.image_fraction()
-            out.row_fraction = out.sample_fraction[:, None]
+            out.sample_fraction, out.row_fraction = inputs.pruning.image_fraction(), inputs.pruning.row_fraction()
         if state is not None:
             out.selected_fraction, out.selection_masks = state.selected_fraction, dict(state.masks)
             out.selection_maps, out.sample_fraction = dict(state.maps), state.sample_fraction()
