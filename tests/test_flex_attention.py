@@ -37,19 +37,24 @@ def _rope(positions, head_dim=CONFIG.head_dim):
 
 
 class GivenSelection(SelectionStrategy):
-    """Returns a fixed (B, R, G, G) mask, whatever the map."""
+    """Returns a fixed (B, R, G, G) mask, and key bias if given, whatever the map."""
 
-    def __init__(self, mask):
-        self.mask = mask
+    def __init__(self, mask, bias=None):
+        self.mask, self.bias = mask, bias
 
     def select(self, attn_map, ctx):
         return self.mask
 
+    def key_bias(self, attn_map, ctx):
+        return self.bias
 
-def _state(b, features, hr_cos, hr_sin, mask, alpha=1.0, kv_mode="lazy"):
+
+def _state(b, features, hr_cos, hr_sin, mask, alpha=1.0, kv_mode="lazy", bias=None):
+    grid = (*mask.shape[:2], G_HR, G_HR)
+    strategy = GivenSelection(mask.view(grid), None if bias is None else bias.view(grid))
     return HighResState(
         features, hr_cos, hr_sin, lr_index=torch.zeros(b, G_LR * G_LR, dtype=torch.long),
-        layout=_layout(b), strategy=GivenSelection(mask.view(*mask.shape[:2], G_HR, G_HR)), alpha=alpha, kv_mode=kv_mode,
+        layout=_layout(b), strategy=strategy, alpha=alpha, kv_mode=kv_mode,
     )
 
 
@@ -57,8 +62,9 @@ def _layout(b, lr=G_LR, hr=G_HR):
     return square_layout(torch.ones(b, lr, lr, dtype=torch.bool), torch.ones(b, hr, hr, dtype=torch.bool))
 
 
-def naive_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha):
-    """Per (sample, row) loops: softmax over [causal sequence keys ; selected HR keys], blended."""
+def naive_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha, bias=None):
+    """Per (sample, row) loops: softmax over [causal sequence keys ; selected HR keys], blended; a soft
+    selection's ``bias`` (B, N, M) added to the selected HR keys' scores."""
     b, n, _ = x.shape
     h, hk, d = layer.attention.num_heads, layer.attention.num_kv_heads, layer.attention.head_dim
     cos, sin = _rope(torch.arange(n).expand(b, n), d)
@@ -82,6 +88,8 @@ def naive_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha):
                 chosen = sel[bi, t]
                 if chosen.any():
                     shr = (khr[bi, g, chosen] @ q[bi, hh, t]) / math.sqrt(d)
+                    if bias is not None:
+                        shr = shr + bias[bi, t, chosen]
                     p = torch.cat((s, shr)).softmax(-1)
                     o_hier = p[:n] @ v[bi, g] + p[n:] @ vhr[bi, g, chosen]
                     out[bi, hh, t] = (1 - alpha) * o_plain + alpha * o_hier
@@ -98,14 +106,15 @@ def _select(state, rows, b, n):
 
 
 def _run_flex(layer, x, key_valid, features, hr_cos, hr_sin, sel, alpha, row_mask=None, impl="fused",
-              kv_mode="lazy"):
+              kv_mode="lazy", bias=None):
     """flex_attention over the whole chunk (the fused path for several rows). -> (out, rows, probs)."""
     b, n, _ = x.shape
     row_mask = sel.any(-1) if row_mask is None else row_mask
     inputs = build_attention_inputs(*_rope(torch.arange(n).expand(b, n), layer.attention.head_dim), 0, key_valid)
     rows = SelectingRows.from_mask(row_mask, inputs)
     row_sel = torch.stack([sel[i, rows.rows[i]] for i in range(b)]) & rows.valid[..., None]
-    state = _state(b, features, hr_cos, hr_sin, row_sel, alpha, kv_mode)
+    row_bias = None if bias is None else torch.stack([bias[i, rows.rows[i]] for i in range(b)])
+    state = _state(b, features, hr_cos, hr_sin, row_sel, alpha, kv_mode, row_bias)
     selection = _select(state, rows, b, n)
     out, probs = FLEX_IMPLS[impl](layer, x, inputs, None, rows, selection, state, need_map=True)
     return out, rows, probs
@@ -121,7 +130,7 @@ def _check_maps(rows, probs, plain_maps):
                     assert torch.allclose(probs[bi, hh, ri], ref, atol=1e-6)
 
 
-def _reference_case(alpha, config=CONFIG):
+def _reference_case(alpha, config=CONFIG, soft=False):
     _, flex = _layer(config=config)
     torch.manual_seed(1)
     b, n, m = 3, 7, G_HR * G_HR
@@ -140,9 +149,10 @@ def _reference_case(alpha, config=CONFIG):
     sel[1, 6, 15] = True
     sel[2, 5, ::2] = True
     sel[2, 6, 3] = True
+    bias = -3 * torch.rand(b, n, m) if soft else None  # a soft selection's log-weights, <= 0
     with torch.no_grad():
-        expected, plain_maps = naive_flex(flex, x, key_valid, features, hr_cos, hr_sin, sel, alpha)
-    return flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps
+        expected, plain_maps = naive_flex(flex, x, key_valid, features, hr_cos, hr_sin, sel, alpha, bias)
+    return flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps, bias
 
 
 @pytest.mark.parametrize("family", FAMILY_CONFIGS)
@@ -150,7 +160,7 @@ def _reference_case(alpha, config=CONFIG):
 @pytest.mark.parametrize("grad", [False, True])  # no grad: K/V from the inference buffers
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
 def test_matches_naive_reference_batched_with_padding(alpha, grad, impl, family):
-    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps = _reference_case(
+    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps, _ = _reference_case(
         alpha, FAMILY_CONFIGS[family])
     with torch.set_grad_enabled(grad):
         got, rows, probs = _run_flex(flex, x, key_valid, features, hr_cos, hr_sin, sel, alpha, impl=impl)
@@ -159,12 +169,29 @@ def test_matches_naive_reference_batched_with_padding(alpha, grad, impl, family)
 
 
 @pytest.mark.parametrize("family", FAMILY_CONFIGS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_soft_selection_adds_its_key_bias_to_the_selected_scores(grad, family):
+    """A soft selection (``key_bias``) through the fused several-row path: the naive loops with the
+    bias added to each row's selected HR scores."""
+    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps, bias = _reference_case(
+        1.0, FAMILY_CONFIGS[family], soft=True)
+    with torch.set_grad_enabled(grad):
+        got, rows, probs = _run_flex(flex, x, key_valid, features, hr_cos, hr_sin, sel, 1.0, bias=bias)
+    assert (got - expected).abs().max() < 1e-5
+    _check_maps(rows, probs, plain_maps)
+    binary, _ = naive_flex(flex, x, key_valid, features, hr_cos, hr_sin, sel, 1.0)
+    assert (got - binary).abs().max() > 1e-3  # the bias really changes the rows that select
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+@pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("kv_mode", ["lazy", "prefill"])
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_decoding_step_matches_naive_reference(alpha, kv_mode, family):
-    """The last row computed alone after a KV cache of the others (the eager single-row path)."""
+def test_decoding_step_matches_naive_reference(alpha, kv_mode, soft, family):
+    """The last row computed alone after a KV cache of the others (the eager single-row path), with a
+    binary and a soft selection."""
     config = FAMILY_CONFIGS[family]
-    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps = _reference_case(alpha, config)
+    flex, x, key_valid, features, hr_cos, hr_sin, sel, expected, plain_maps, bias = _reference_case(alpha, config, soft)
     b, n, _ = x.shape
     cos, sin = _rope(torch.arange(n).expand(b, n), config.head_dim)
     cache = KVCache()
@@ -172,7 +199,7 @@ def test_decoding_step_matches_naive_reference(alpha, kv_mode, family):
         flex(x[:, :-1], build_attention_inputs(cos[:, :-1], sin[:, :-1], 0, key_valid[:, :-1]), cache)
         inputs = build_attention_inputs(cos[:, -1:], sin[:, -1:], n - 1, key_valid)
         rows = SelectingRows.from_mask(torch.ones(b, 1, dtype=torch.bool), inputs)
-        state = _state(b, features, hr_cos, hr_sin, sel[:, -1:], alpha, kv_mode)
+        state = _state(b, features, hr_cos, hr_sin, sel[:, -1:], alpha, kv_mode, None if bias is None else bias[:, -1:])
         selection = _select(state, rows, b, n)
         got, probs = flex_attention(flex, x[:, -1:], inputs, cache, rows, selection, state, need_map=True)
     assert (got[:, 0] - expected[:, -1]).abs().max() < 1e-5

@@ -8,7 +8,7 @@ from flexvlm.models.generation import generate, generation_steps
 from flexvlm.models.flex_attention import FlexAttention
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import FlexVLM
-from flexvlm.selection import AttentionSelection, MassSelection
+from flexvlm.selection import AttentionSelection, MassSelection, SoftSelection
 
 LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -104,6 +104,20 @@ def test_prefill_mode_projects_every_token_once_at_the_first_step():
     model.llm.layers[1].self_attn.k_hr_proj.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
     generate(model, ids, mask, images, max_new_tokens=4, high_res_kv="prefill")
     assert calls == [(2, 144, LLM["hidden_size"])]
+
+
+def test_soft_selection_generates_alike_cached_batched_and_alone():
+    """The soft selection's key weights reach every decoding step the same way with and without the
+    cache; at sharpness 0 it is the binary selection of the same budget, logits and all."""
+    soft = _model("flex", SoftSelection(top_k=3, sharpness=1.0))
+    _cache_batch_and_single_agree(soft)
+    ids, mask, images = _prompts()
+    binary, flat = _model("flex"), _model("flex", SoftSelection(top_k=3, sharpness=0.0))
+    logits = [m(ids, mask, images, select_last=3).logits for m in (binary, flat, soft)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-6)
+    assert (logits[0] - logits[2]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="only flex_impl 'fused'"):
+        _model("flex", SoftSelection(top_k=3), flex_impl="release")
 
 
 def test_release_style_layer_generates_the_same_tokens():

@@ -1,5 +1,6 @@
 """Selection strategies against hand-computed cases and a naive version of the release's rule."""
 
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from flexvlm.models.geometry import square_layout
 from flexvlm.registry import Registry
 from flexvlm.selection import (
     SELECTION, AllSelection, AttentionSelection, CenterSelection, MassSelection, NoSelection, RandomSelection,
-    SelectionContext, SelectionStrategy, build_selection, valid_grid,
+    SelectionContext, SelectionStrategy, SoftSelection, build_selection, valid_grid,
 )
 
 
@@ -276,3 +277,29 @@ def test_mass_selection_is_refused_outside_its_range_and_named():
     with pytest.raises(ValueError, match="max_ratio must be in"):
         MassSelection(max_ratio=1.5)
     assert isinstance(build_selection("attention_mass"), MassSelection)
+
+
+@pytest.mark.parametrize("sharpness", [0.0, 0.5, 1.0])
+def test_soft_selection_keeps_the_attention_keys_and_weighs_them_by_their_cell(sharpness):
+    """Its mask is AttentionSelection's with the same budget; a high-res token's bias is sharpness *
+    log(a_cell / a_max) of its row, a_max over the image's valid cells (naive loops)."""
+    torch.manual_seed(6)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.0, 0.75, 1.0]])  # the second: a padded image
+    ctx = _ctx(b=2, box=box)
+    attn = torch.rand(2, 3, 4, 4) ** 3
+    soft = SoftSelection(ratio=0.25, sharpness=sharpness)
+    assert torch.equal(soft(attn, ctx), AttentionSelection(ratio=0.25)(attn, ctx))
+    bias = soft.key_bias(attn, ctx)
+    for b in range(2):
+        for r in range(3):
+            valid_cells = [float(attn[b, r, i, j]) for i in range(4) for j in range(4) if ctx.lr_valid[b, i, j]]
+            top = max(valid_cells)
+            for y in range(12):
+                for x in range(12):
+                    if ctx.hr_valid[b, y, x]:
+                        expected = sharpness * math.log(float(attn[b, r, y // 3, x // 3]) / top)
+                        assert abs(float(bias[b, r, y, x]) - expected) < 1e-5, (b, r, y, x)
+    assert SoftSelection().weighs_keys and not AttentionSelection().weighs_keys
+    assert isinstance(build_selection("soft"), SoftSelection)
+    with pytest.raises(ValueError, match="sharpness must be"):
+        SoftSelection(sharpness=-1.0)

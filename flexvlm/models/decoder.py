@@ -214,7 +214,8 @@ class DecoderAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
         """Fused attention, no map materialised: queries (B, heads, R, d) over keys and values
-        (B, kv_heads, keys, d), ``mask`` (B, 1, R, keys) bool (True: visible) or None."""
+        (B, kv_heads, keys, d), ``mask`` (B, 1, R, keys) bool (True: visible), float (added to the
+        scores; -inf: hidden) or None."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               enable_gqa=self.num_heads != self.num_kv_heads)
 

@@ -82,11 +82,13 @@ class Selection:
     """What one FA layer attends to beyond the sequence: the union of its sample's selected HR
     tokens, ``tokens`` (B, K) padded with ``valid`` (B, K), and ``row_mask`` (B, R, K): which of
     them each selecting row sees (None: every row sees every token, no padding). ``tokens`` None:
-    every HR token of the image, K = M (cross-attention, or a union that covers most of it)."""
+    every HR token of the image, K = M (cross-attention, or a union that covers most of it).
+    ``key_bias`` (B, R, K): what a soft selection adds to each row's scores of these keys (None: binary)."""
 
     tokens: Tensor | None
     valid: Tensor
     row_mask: Tensor | None
+    key_bias: Tensor | None = None
 
     def rows_see(self, rows: int) -> Tensor:
         """``row_mask`` as a tensor, (B, rows, K)."""
@@ -165,6 +167,7 @@ class HighResState:
         attn_map = low_res_map(probs, self.lr_index, self.layout.lr_shape)
         self.maps[layer_idx] = attn_map
         mask = self.strategy(attn_map.detach(), self._context(layer_idx))
+        bias = self.strategy.key_bias(attn_map.detach(), self._context(layer_idx))
         if not self.rows.all_valid:
             mask = mask & self.rows.valid[:, :, None, None]
         self.masks[layer_idx] = mask
@@ -172,14 +175,14 @@ class HighResState:
         self.row_counts[layer_idx] = flat.sum(-1)
         if r == 1:  # one row per sample (inference): the union is the row's own selection
             tokens, valid = selected_first(flat[:, 0])
-            return Selection(tokens, valid, None if b == 1 else valid[:, None])
+            return Selection(tokens, valid, None if b == 1 else valid[:, None], _on_tokens(bias, tokens))
         tokens, valid = selected_first(flat.any(1))
         if 4 * tokens.shape[1] >= 3 * flat.shape[-1]:
             # the union is most of the image: projecting every token costs little more than the
             # union, and saves a copy of most of the features for the backward pass
-            return Selection(None, self.hr_valid.flatten(1), flat)
+            return Selection(None, self.hr_valid.flatten(1), flat, None if bias is None else bias.flatten(2))
         row_mask = flat.gather(-1, tokens[:, None].expand(-1, r, -1)) & valid[:, None]
-        return Selection(tokens, valid, row_mask)
+        return Selection(tokens, valid, row_mask, _on_tokens(bias, tokens))
 
     def all_tokens(self) -> Selection:
         """Every HR token of the image, seen by every row (the cross-attention baseline)."""
@@ -271,6 +274,13 @@ def low_res_map(probs: Tensor, lr_index: Tensor, lr_shape: Shape) -> Tensor:
     h x w low-res image tokens at ``lr_index`` (B, h*w): (B, R, h, w), the map that selects."""
     b, _, r, _ = probs.shape
     return probs.sum(1).gather(-1, lr_index[:, None].expand(b, r, -1)).view(b, r, *lr_shape)
+
+
+def _on_tokens(bias: Tensor | None, tokens: Tensor) -> Tensor | None:
+    """A per-token bias on the canvas (B, R, H, W) -> on the selection's ``tokens`` (B, K): (B, R, K)."""
+    if bias is None:
+        return None
+    return bias.flatten(2).gather(-1, tokens[:, None].expand(-1, bias.shape[1], -1))
 
 
 def _gather_tokens(x: Tensor, tokens: Tensor) -> Tensor:
@@ -448,6 +458,10 @@ def _attend(
 ) -> Tensor:
     """Query rows (B, heads, R, d) over [their visible sequence keys ; the HR keys they see], fused."""
     mask = torch.cat((visible, high_res.selection.rows_see(q.shape[2]).unsqueeze(1)), dim=-1)
+    bias = high_res.selection.key_bias
+    if bias is not None:  # a soft selection: an additive mask carries the keys' weights
+        scores_added = torch.cat((torch.zeros_like(visible, dtype=q.dtype), bias.unsqueeze(1).to(q.dtype)), dim=-1)
+        mask = scores_added.masked_fill(~mask, float("-inf"))
     return attn.attend(q, torch.cat((k, high_res.k), dim=2), torch.cat((v, high_res.v), dim=2), mask)
 
 
@@ -464,6 +478,8 @@ def _single_row(
     if high_res is None:
         return attn.row_values(plain, v), plain
     hr_scores = attn.row_scores(q, high_res.k)
+    if high_res.selection.key_bias is not None:
+        hr_scores = hr_scores + high_res.selection.key_bias.unsqueeze(1)
     if high_res.selection.row_mask is not None:
         hr_scores = hr_scores.masked_fill(~high_res.selection.row_mask.unsqueeze(1), float("-inf"))
     probs = torch.cat((scores, hr_scores), dim=-1).softmax(-1)

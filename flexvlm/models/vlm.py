@@ -163,6 +163,9 @@ class FlexVLM(nn.Module):
                              "it would be recorded in the run's config unused. Set model.model.init_args.selection "
                              "to null, or use mode flex")
         self.selection = build_selection(selection or "attention") if mode == "flex" else None
+        if flex_impl == "release" and self.selection is not None and self.selection.weighs_keys:
+            raise ValueError(f"{self.selection!r} weighs the high-res keys (a soft selection), which only flex_impl "
+                             "'fused' applies; the release's layer is binary")
         if reduction is not None and mode != "hd":
             raise ValueError(f"a token reduction ({reduction!r}) drops image tokens of the sequence, which only mode hd "
                              f"holds; mode {mode!r} has none to drop")

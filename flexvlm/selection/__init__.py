@@ -8,6 +8,7 @@ from flexvlm.selection.base import (
 )
 from flexvlm.selection.baselines import AllSelection, CenterSelection, NoSelection, RandomSelection
 from flexvlm.selection.mass import MassSelection
+from flexvlm.selection.soft import SoftSelection
 
 
 def build_selection(spec: str | SelectionStrategy) -> SelectionStrategy:
@@ -19,6 +20,6 @@ def build_selection(spec: str | SelectionStrategy) -> SelectionStrategy:
 
 __all__ = [
     "SELECTION", "AllSelection", "AttentionSelection", "BlockSelection", "Budget", "CenterSelection",
-    "MassSelection", "NoSelection", "RandomSelection", "SelectionContext", "SelectionStrategy", "build_selection",
-    "valid_grid",
+    "MassSelection", "NoSelection", "RandomSelection", "SelectionContext", "SelectionStrategy", "SoftSelection",
+    "build_selection", "valid_grid",
 ]

@@ -151,6 +151,17 @@ class SelectionStrategy(ABC):
         """The selection cut to the image's high-res tokens: padding tokens carry no content."""
         return mask & ctx.hr_valid.unsqueeze(1)
 
+    def key_bias(self, attn_map: Tensor, ctx: SelectionContext) -> Tensor | None:
+        """(B, R, H, W) float added to a row's scores of the high-res keys it selected (a soft selection,
+        ``flexvlm.selection.soft``), or None: a selected key counts as it scores (the paper's binary
+        selection)."""
+        return None
+
+    @property
+    def weighs_keys(self) -> bool:
+        """Whether the strategy gives a ``key_bias``."""
+        return type(self).key_bias is not SelectionStrategy.key_bias
+
 
 class BlockSelection(SelectionStrategy):
     """Selection in square blocks of high-res tokens, as the release does: decide on a b x b block
