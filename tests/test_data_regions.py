@@ -220,6 +220,7 @@ def test_grounding_targets_are_the_cells_each_answer_token_is_read_from():
         answer = item["answer"].split()
         assert (cells[len(answer):] == IGNORE_INDEX).all()  # the end token's row and beyond
         kinds = [CLASS_NAMES[c - 1] for c in item["aux_lr_colour"][cells[: len(answer)]].tolist()]
+        assert item["tags"]["regions"] == len(answer)
         if item["tags"]["question_kind"] == "read":
             assert kinds == item["question"].split()
         else:

@@ -194,8 +194,8 @@ def query_cells(asked: Sequence[Tile], image_size: Size, patch_size: int, zoom: 
 
 class RegionsVQA(SceneDataset):
     """The regions task's samples (``render_sample``); geometry and image handling as ``SceneDataset``'s.
-    Beyond the tile task's entries: ``tags``, its ``question_kind`` and ``target_size``, which every
-    answer keeps (answers.jsonl), to split results by."""
+    Beyond the tile task's entries: ``tags``, its ``question_kind``, ``target_size`` and ``regions`` (the
+    tiles read), which every answer keeps (answers.jsonl), to split results by."""
 
     name = "regions"
 
@@ -223,7 +223,8 @@ class RegionsVQA(SceneDataset):
     def annotations(self, scene: RegionScene) -> dict:
         geometry = (self.image_size, self.patch_size, self.zoom)
         return {
-            "tags": {"question_kind": scene.kind, "target_size": scene.target_size},  # kept with each answer
+            # kept with each answer; ``regions``: how many tiles the answer is read from
+            "tags": {"question_kind": scene.kind, "target_size": scene.target_size, "regions": len(scene.asked)},
             **token_targets(scene.tiles, *geometry, colour_names=CLASS_NAMES),
             "aux_query_cell": query_cells(scene.asked, *geometry),
         }
