@@ -22,8 +22,9 @@ stage-1 weights, is reused (``flexvlm.runs``), so an interrupted protocol picks 
 and a changed config trains what it changes again.
 
 A study may also give ``budgets`` (shares of the high-res tokens kept) and ``budgeted`` (mode -> the
-dotted setting that takes a budget, e.g. ``model.model.init_args.selection.init_args.ratio``): such a
-mode runs once per budget, as ``mode@budget``; and ``evaluations`` (mode -> a mode it trains): a
+dotted setting that takes a budget, e.g. ``model.model.init_args.selection.init_args.ratio``, or
+``{setting: <dotted>, budgets: [...]}`` for a mode run at budgets of its own): such a mode runs once
+per budget, as ``mode@budget``; and ``evaluations`` (mode -> a mode it trains): a
 training-free method (FastV) is not trained but tested, per seed, from the weights of that mode's
 stage-2 run (hd's), under that mode's configs with its own file stacked last.
 
@@ -64,6 +65,7 @@ class Study:
     seeds: list[int] | None = None  # None: the protocol's
     budgets: list[float] = field(default_factory=list)  # shares of the high-res tokens kept
     budgeted: dict[str, str] = field(default_factory=dict)  # mode -> the dotted setting a budget goes to
+    mode_budgets: dict[str, list[float]] = field(default_factory=dict)  # a budgeted mode's own budgets
     evaluations: dict[str, str] = field(default_factory=dict)  # mode -> the trained mode whose run it tests
 
     def runs(self) -> list[tuple[str, str, list[str]]]:
@@ -71,7 +73,8 @@ class Study:
         runs = []
         for mode in self.modes:
             if mode in self.budgeted:
-                runs += [(f"{mode}@{b:g}", mode, [f"--{self.budgeted[mode]}", str(b)]) for b in self.budgets]
+                runs += [(f"{mode}@{b:g}", mode, [f"--{self.budgeted[mode]}", str(b)])
+                         for b in self.mode_budgets.get(mode, self.budgets)]
             else:
                 runs.append((mode, mode, []))
         return runs
@@ -112,7 +115,7 @@ class Protocol:
             if unknown := set(s) - study_keys:
                 raise ValueError(f"{path}: study {name!r} has unknown keys {sorted(unknown)}; valid: {sorted(study_keys)}")
         studies = [Study(name, list(s.get("files", [])), list(s["modes"]), s.get("seeds"),
-                         [float(b) for b in s.get("budgets", [])], dict(s.get("budgeted", {})),
+                         [float(b) for b in s.get("budgets", [])], *_budgeted(name, s.get("budgeted", {})),
                          dict(s.get("evaluations", {})))
                    for name, s in raw["studies"].items()]
         schedule = raw.get("schedule") or {"modes": [], "candidates": {"default": []}}
@@ -137,6 +140,20 @@ class Protocol:
             raise ValueError("protocol needs at least one seed")
         for study in self.studies:
             study.check()
+
+
+def _budgeted(study: str, budgeted: dict) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """A study's ``budgeted`` entries -> (mode -> setting, mode -> its own budgets where it gives them)."""
+    settings, budgets = {}, {}
+    for mode, entry in budgeted.items():
+        if isinstance(entry, str):
+            settings[mode] = entry
+        elif isinstance(entry, dict) and set(entry) == {"setting", "budgets"}:
+            settings[mode], budgets[mode] = entry["setting"], [float(b) for b in entry["budgets"]]
+        else:
+            raise ValueError(f"study {study!r}: budgeted {mode!r} must be a dotted setting or {{setting: ..., "
+                             f"budgets: [...]}}, got {entry!r}")
+    return settings, budgets
 
 
 def _cli_args(configs: list[str], folder: Path, seed: int, extra: list[str]) -> list[str]:

@@ -188,8 +188,8 @@ def test_a_finished_run_is_reused_only_when_its_configs_and_stage1_weights_are_t
 
 
 def test_budgets_and_training_free_evaluations_run_as_the_study_says(tmp_path, monkeypatch):
-    """Runs faked: a budgeted mode trains once per budget with the budget in its own setting; a
-    training-free mode is tested, per seed, from the weights of that seed's run of the mode it names,
+    """Runs faked: a budgeted mode trains once per budget (the study's, or its own) with the budget in
+    its own setting; a training-free mode is tested, per seed, from the weights of that seed's run of the mode it names,
     under that mode's configs and its own; every tested run's accuracy is split by its answers' tags."""
     launched = []
 
@@ -210,8 +210,10 @@ def test_budgets_and_training_free_evaluations_run_as_the_study_says(tmp_path, m
     raw = {k: str(ROOT / v) if k in ("base", "experiments", "stage1", "stage2") else v for k, v in raw.items()}
     raw.pop("targets")
     raw |= {"save_dir": str(tmp_path / "runs"), "seeds": [0, 1], "schedule": None, "studies": {"main": {
-        "modes": ["hd", "flex_attention_ratio", "flex_random_ratio"], "budgets": [0.05, 0.2],
-        "budgeted": {"flex_attention_ratio": "model.model.init_args.selection.init_args.ratio"},
+        "modes": ["hd", "flex_attention_ratio", "flex_center_ratio", "flex_random_ratio"], "budgets": [0.05, 0.2],
+        "budgeted": {"flex_attention_ratio": "model.model.init_args.selection.init_args.ratio",
+                     "flex_center_ratio": {"setting": "model.model.init_args.selection.init_args.ratio",
+                                           "budgets": [0.1]}},
         "evaluations": {"flex_random_ratio": "hd"}}}}
     (tmp_path / "protocol.yaml").write_text(yaml.safe_dump(raw))
     report = Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()
@@ -222,11 +224,13 @@ def test_budgets_and_training_free_evaluations_run_as_the_study_says(tmp_path, m
                         ["--ckpt_path", hd_weights])
     fits = {folder: extra for command, folder, _, extra in launched if command == "fit"}
     assert set(fits) == {f"main/{run}/seed{s}" for s in (0, 1) for run in
-                         ("stage1", "hd", "flex_attention_ratio@0.05", "flex_attention_ratio@0.2")}
+                         ("stage1", "hd", "flex_attention_ratio@0.05", "flex_attention_ratio@0.2",
+                          "flex_center_ratio@0.1")}
     budget = fits["main/flex_attention_ratio@0.2/seed1"]
     assert budget[budget.index("--model.model.init_args.selection.init_args.ratio") + 1] == "0.2"
     assert [r["config"] for r in report["rows"] if r["seed"] == 0] == [
-        "stage1", "hd", "flex_attention_ratio@0.05", "flex_attention_ratio@0.2", "flex_random_ratio"]
+        "stage1", "hd", "flex_attention_ratio@0.05", "flex_attention_ratio@0.2", "flex_center_ratio@0.1",
+        "flex_random_ratio"]
     assert report["summary"][("main", "flex_random_ratio")]["by_tag"] == {"kind=read": 0.5, "kind=relational": 0.5}
     assert "| main | flex_random_ratio | 0.500 | 0.500 |" in (tmp_path / "out" / "results.md").read_text()
     assert Image.open(tmp_path / "out" / "accuracy_vs_budget.png").size == (720, 480)
@@ -241,4 +245,8 @@ def test_a_study_that_tests_a_budgeted_or_unknown_mode_is_refused(tmp_path):
     raw["studies"]["main"] |= {"evaluations": {}, "budgets": [0.1]}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="budgets and budgeted go together"):
+        Protocol.load(tmp_path / "bad.yaml")
+    raw["studies"]["main"] |= {"budgeted": {"flex_random_ratio": {"setting": "model.model.init_args.selection"}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="must be a dotted setting or"):
         Protocol.load(tmp_path / "bad.yaml")
