@@ -79,6 +79,11 @@ class Study:
                 runs.append((mode, mode, []))
         return runs
 
+    def keep_budgets(self, budgets: list[float]) -> None:
+        """Run the budgeted modes only at those of their budgets that ``budgets`` lists."""
+        self.mode_budgets = {mode: [b for b in self.mode_budgets.get(mode, self.budgets) if b in budgets]
+                             for mode in self.budgeted}
+
     def check(self) -> None:
         if unknown := sorted((set(self.budgeted) | set(self.evaluations)) - set(self.modes)):
             raise ValueError(f"study {self.name!r}: budgeted / evaluations name modes it does not run: {unknown}")
@@ -441,6 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="folder for runs.csv / results.md (default: <save_dir>)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds")
     parser.add_argument("--save_dir", help="override the protocol's run folder")
+    parser.add_argument("--budgets", type=float, nargs="+",
+                        help="run the budgeted modes only at these of their budgets (a first pass; a later run of all "
+                             "reuses its runs)")
     parser.add_argument("--studies", nargs="+", help="run only these studies (e.g. one process a study on a "
                                                      "machine with a core each; a later run of all reuses their runs)")
     args = parser.parse_args(argv)
@@ -454,6 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
         protocol.studies = [s for s in protocol.studies if s.name in args.studies]
     if args.save_dir:
         protocol.save_dir = args.save_dir
+    if args.budgets:
+        for study in protocol.studies:
+            study.keep_budgets(args.budgets)
     return Runner(protocol, Path(args.out or protocol.save_dir)).run()
 
 

@@ -31,7 +31,12 @@ def test_the_shipped_protocols_name_existing_configs():
         p.stem for p in (SYNTHETIC / "architectures").glob("*.yaml")}
     regions = Protocol.load(ROOT / "experiments" / "regions" / "protocol.yaml").studies[0]
     assert regions.budgets == [0.025, 0.05, 0.1, 0.2, 0.4] and regions.evaluations == {"fastv": "hd"}
-    assert len(regions.runs()) == 3 + 5 * 5  # lr_only, hd, xattn; five budgeted methods at five budgets
+    # lr_only, hd, xattn; five budgeted methods at five budgets, random and center at three
+    assert len(regions.runs()) == 3 + 5 * 5 + 2 * 3
+    regions.keep_budgets([0.1, 0.4])
+    assert [name for name, _, _ in regions.runs()][2:5] == ["flex_attention_ratio@0.1", "flex_attention_ratio@0.4",
+                                                           "fastv@0.1"]
+    assert len(regions.runs()) == 3 + 7 * 2
 
 
 def test_only_the_studies_asked_for_run(monkeypatch):
