@@ -44,6 +44,16 @@ tokens projected per FA layer over the generation, S new tokens.
   the image tokens dropped so far, in its Linears, its prefill attention and its decode keys; rating
   costs 2 n_l D (the prompt's last row's scores) per stage, plus its q, k and v projections of the
   n_l tokens, 2 n_l D (D + 2 kv), where the stage previews the layer after its drop (PyramidDrop).
+  A reduction whose counts adapt to the sample (SparseVLM: the rank of its raters' attention) is
+  predicted at its stages' ``keep``, the most it keeps (merged tokens included; all of them without a
+  budget), with one rating row; its other raters, their choice, the rank and the recycling's
+  clustering are only measured (``generation_flops``).
+- VisionZip (hd, before the decoder; LLaVA-1.5's geometry): each tower pass of t = g^2 (+1) tokens leaves
+  k of them (``VisionZip.pass_tokens``) for the projector and the sequence, so every layer sees the
+  shorter prompt; reading the attention of the tower's returned layer again costs, per pass, the
+  rating rows' q (r = 1, the CLS token; without one r = t) and every token's k, 2 (r + t) C^2, and
+  their scores, 2 r t C; the merge compares the o patches that join a target with the c targets'
+  keys, 2 o c C / heads.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flexvlm.models.generation import generate
 from flexvlm.models.llm import LlamaConfig
 from flexvlm.models.vlm import MODES, FlexVLM
-from flexvlm.reduction import TokenReduction, kept_count
+from flexvlm.reduction import ImageTokenReduction, TokenReduction, VisionZip, kept_count
 
 __all__ = [
     "ARCHITECTURES", "ArchitectureShape", "CLIP_VIT_L14_336", "LLAMA_2_7B", "CostBreakdown", "DecoderShape",
@@ -97,6 +107,7 @@ class VisionShape:
     layer: int = -2  # the block whose output is used (LLaVA: the penultimate)
     cls_token: bool = True
     final_norm: bool = False
+    heads: int | None = None  # attention heads; only VisionZip's merge reads them (its keys are C / heads wide)
 
     @property
     def grid(self) -> int:
@@ -289,20 +300,25 @@ def generation_cost(
     new_tokens: int,
     selected_per_row: int = 0,
     projected_hr_tokens: int = 0,
-    reduction: TokenReduction | None = None,
+    reduction: TokenReduction | ImageTokenReduction | None = None,
 ) -> CostBreakdown:
     """FLOPs per sample of a greedy generation of ``new_tokens`` tokens (no early stop) of one image
     of geometry ``image`` (``ImageCost``, built for this ``vision`` tower). ``text_tokens``: the prompt
     besides the image's positions (the padded length in a batch: padding rows cost the same, until a
     token reduction's first drop, after which a batch is as long as its longest sample).
     ``selected_per_row`` (K) and ``projected_hr_tokens`` (P) are per FA layer and used by flex only;
-    ``reduction`` (hd only) shortens the sequence of the layers after each of its stages."""
+    ``reduction`` (hd only) shortens the sequence of the layers after each of its stages, or, before
+    the decoder (VisionZip), of every layer."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
     if mode == "flex" and num_sa_layers < 1:
         raise ValueError("flex needs num_sa_layers >= 1: one plain layer's map seeds the selection")
     if reduction is not None and mode != "hd":
         raise ValueError(f"a token reduction acts on hd's sequence, not on mode {mode!r}'s")
+    zipping = 0
+    if isinstance(reduction, ImageTokenReduction):
+        image, zipping = _zipped(reduction, vision, image)
+        reduction = None
     hr_tokens = image.hr_tokens
     n = text_tokens + image.sequence_tokens(mode)
     decode_steps = new_tokens - 1  # the prefill yields the first token
@@ -333,7 +349,7 @@ def generation_cost(
                       for length in lengths),
         lm_head=new_tokens * 2 * d.hidden * d.vocab,
         cross_attention=cross_attention,
-        selection_overhead=selection_overhead + rating,
+        selection_overhead=selection_overhead + rating + zipping,
         hr_kv_projection=hr_kv_projection,
     )
 
@@ -354,6 +370,27 @@ def _reduced_lengths(reduction: TokenReduction | None, d: DecoderShape, n: int, 
         dropped = image_tokens - int(kept_count(torch.tensor(image_tokens), stage.keep))
         lengths[stage.prune_before:] = [n - dropped] * (d.layers - stage.prune_before)
     return lengths, rating
+
+
+def _zipped(reduction: ImageTokenReduction, vision: VisionShape, image: ImageCost) -> tuple[ImageCost, int]:
+    """hd's ``image`` as VisionZip hands it to the projector and the decoder, and the FLOPs of reading its
+    tower's attention and of its merge (the module docstring's last item)."""
+    if not isinstance(reduction, VisionZip):
+        raise TypeError(f"no cost model for {reduction.describe()}: flexvlm.flops counts VisionZip's")
+    passes, patches = image.hd_passes, vision.grid**2
+    if not image.hd_image_tokens == image.hd_sequence_tokens == image.hd_projected == passes * patches:
+        raise ValueError(f"{reduction.describe()} reduces LLaVA-1.5's hd tokens (ImageCost.llava), not this image's")
+    if vision.heads is None:
+        raise ValueError(f"{reduction.describe()} merges by keys of C / heads: give the VisionShape's heads")
+    dominant, contextual = reduction.split(patches, vision.cls_token)
+    kept = passes * reduction.pass_tokens(patches, vision.cls_token)
+    tokens = patches + int(vision.cls_token)
+    rows = 1 if vision.cls_token else tokens
+    joining = patches - dominant - contextual
+    per_pass = (2 * (rows + tokens) * vision.width**2 + 2 * rows * tokens * vision.width
+                + 2 * joining * contextual * (vision.width // vision.heads))
+    zipped = replace(image, hd_sequence_tokens=kept, hd_projected=kept, hd_image_tokens=kept)
+    return zipped, passes * per_pass
 
 
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 (penultimate block's output) and LLaMA-2-7B / Vicuna-7B

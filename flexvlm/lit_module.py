@@ -46,7 +46,7 @@ def load_run_weights(model: nn.Module, aux_objective: nn.Module | None, path: st
 def sequence_limits(model: FlexVLM, max_new_tokens: int) -> SequenceLimits:
     """What ``model`` takes in text ids: its vocabulary, and its positions less the image's tokens
     (which replace one placeholder id), less ``max_new_tokens`` for a generation prompt."""
-    image_tokens = model.encoder.placeholder_tokens(model.mode)
+    image_tokens = model.placeholder_tokens
     positions = model.config.max_position_embeddings
     max_length = positions - image_tokens + 1
     if max_length - max_new_tokens < 2:

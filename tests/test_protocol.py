@@ -29,14 +29,16 @@ def test_the_shipped_protocols_name_existing_configs():
     architectures = Protocol.load(SYNTHETIC / "protocol" / "architectures.yaml")
     assert {Path(f).stem for s in architectures.studies for f in s.files if "/architectures/" in f} == {
         p.stem for p in (SYNTHETIC / "architectures").glob("*.yaml")}
-    regions = Protocol.load(ROOT / "experiments" / "regions" / "protocol.yaml").studies[0]
-    assert regions.budgets == [0.025, 0.05, 0.1, 0.2, 0.4] and regions.evaluations == {"fastv": "hd"}
-    # lr_only, hd, xattn; five budgeted methods at five budgets, random and center at three
-    assert len(regions.runs()) == 3 + 5 * 5 + 2 * 3
+    regions, regions_vit = Protocol.load(ROOT / "experiments" / "regions" / "protocol.yaml").studies
+    assert regions.budgets == [0.025, 0.05, 0.1, 0.2, 0.4]
+    assert set(regions.evaluations) == {"fastv", "sparsevlm", "sparsevlm_budget"}
+    # lr_only, hd, xattn; seven budgeted methods at five budgets, random and center at three
+    assert len(regions.runs()) == 3 + 7 * 5 + 2 * 3
     regions.keep_budgets([0.1, 0.4])
     assert [name for name, _, _ in regions.runs()][2:5] == ["flex_attention_ratio@0.1", "flex_attention_ratio@0.4",
                                                            "fastv@0.1"]
-    assert len(regions.runs()) == 3 + 7 * 2
+    assert len(regions.runs()) == 3 + 9 * 2
+    assert set(regions_vit.evaluations) == {"visionzip", "fastv"} and len(regions_vit.runs()) == 1 + 3 * 5
 
 
 def test_only_the_studies_asked_for_run(monkeypatch):

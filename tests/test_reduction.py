@@ -47,6 +47,25 @@ def _batch():
 
 
 # -- the naive reference ---------------------------------------------------------------------------------
+def left_padded_prompts(image_size):
+    """Two generation prompts, the first left-padded, and their images (seeded)."""
+    torch.manual_seed(3)
+    ids = torch.tensor([[0, 0, IMAGE_TOKEN_INDEX, 5, 6], [IMAGE_TOKEN_INDEX, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    return ids, mask, torch.randn(2, 3, image_size, image_size)
+
+
+def two_answer_row(first_answer):
+    """One training row with two answers, a one-token answer at ``first_answer`` and the last two tokens,
+    and its 96 px image (seeded): -> ids, labels, images."""
+    torch.manual_seed(2)
+    ids = torch.tensor([[IMAGE_TOKEN_INDEX, 5, 6, 7, 8, 9, 10, 2]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, first_answer] = ids[0, first_answer]
+    labels[0, 6:] = ids[0, 6:]
+    return ids, labels, torch.randn(1, 3, 96, 96)
+
+
 def _rating(layer, h, positions, raters, llm):
     """The rating rows' attention in ``layer`` on its input ``h`` (1, n, D): an explicit causal
     softmax per head, averaged over heads and rating rows -> (n,)."""
@@ -118,12 +137,7 @@ def test_pyramid_drop_in_training_rates_with_every_answer_start_and_trains():
     """Two answers in one row: PyramidDrop's training rule averages the two last instruction tokens'
     attention; the loss reaches every trainable parameter of the decoder through the kept tokens."""
     model = _model(PyramidDrop(layers=[1, 3], ratio=0.25)).train()
-    torch.manual_seed(2)
-    ids = torch.tensor([[IMAGE_TOKEN_INDEX, 5, 6, 7, 8, 9, 10, 2]])
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[0, 3] = 7  # answer one
-    labels[0, 6:] = ids[0, 6:]  # answer two
-    images = torch.randn(1, 3, 96, 96)
+    ids, labels, images = two_answer_row(3)
     out = model(ids, torch.ones_like(ids), images, labels=labels)
     n_img = 144
     starts = [n_img + 1, n_img + 4]  # rows predicting the first token of each answer (after the 144 image tokens)
@@ -142,10 +156,7 @@ def test_cached_generation_matches_uncached_single_samples_and_the_naive_rule(na
     step (the same rating row: the prompt's last) and each sample alone give the same tokens; every
     cached step's logits are the naive reference's on the whole sequence so far."""
     model = _model(REDUCTIONS[name]())
-    torch.manual_seed(3)
-    ids = torch.tensor([[0, 0, IMAGE_TOKEN_INDEX, 5, 6], [IMAGE_TOKEN_INDEX, 7, 8, 9, 10]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    images = torch.randn(2, 3, 96, 96)
+    ids, mask, images = left_padded_prompts(96)
     cached = generate(model, ids, mask, images, max_new_tokens=6)
     uncached = generate(model, ids, mask, images, max_new_tokens=6, use_cache=False)
     assert cached.tokens == uncached.tokens

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from flexvlm.models.geometry import Shape, VisualLayout, square_layout
 from flexvlm.models.vision import VisionBackbone
 from flexvlm.selection.base import MARGIN_RULES, valid_grid
+
+if TYPE_CHECKING:  # the model hands a reduction in; the encoder only calls it
+    from flexvlm.reduction import ImageTokenReduction
 
 __all__ = ["DualPathEncoder", "EncodedImages", "HIGH_RES_PATHS", "VisualEncoder"]
 
@@ -32,6 +35,8 @@ class EncodedImages:
     layout: VisualLayout | None = None  # their geometry (xattn, flex)
     lr_features: Tensor | None = None  # the tower's features before the projector, where an objective reads them
     hr_features: Tensor | None = None
+    kept_fraction: Tensor | None = None  # (B,) after a reduction before the decoder: the share of hd's image
+    # tokens in the sequence
 
 
 class VisualEncoder(nn.Module, ABC):
@@ -62,6 +67,18 @@ class VisualEncoder(nn.Module, ABC):
         """Sequence positions one image placeholder of a prompt stands for: 1 where the prompt holds a
         placeholder per image token (the architecture's processor expands them)."""
         return 1
+
+    def reduced_tokens(self, reduction: ImageTokenReduction) -> int:
+        """Sequence positions one image placeholder stands for in ``hd`` after ``reduction``, a reduction of
+        the image tokens before the decoder (``flexvlm.reduction``, e.g. VisionZip); refused (ValueError)
+        where this encoder's tower passes cannot give what it reads."""
+        raise ValueError(f"{reduction.describe()} reduces LLaVA-1.5's dual-path tokens (a backbone's crops); "
+                         f"{type(self).__name__} lays out its own views, which it does not reduce")
+
+    def encode_reduced(self, images: Any, project: Callable[[Tensor], Tensor],
+                       reduction: ImageTokenReduction) -> EncodedImages:
+        """hd's tokens after ``reduction``: ``reduced_tokens`` of them an image."""
+        raise NotImplementedError(f"{type(self).__name__} does not reduce its image tokens")
 
     @property
     def input_size(self) -> int | None:
@@ -133,6 +150,27 @@ class DualPathEncoder(VisualEncoder):
         """(low-res tokens (B, g*g, C), high-res tokens (B, (zoom*g)^2, C))."""
         return self.encode_low_res(images), self.encode_high_res(images)
 
+    def reduced_tokens(self, reduction: ImageTokenReduction) -> int:
+        """Each of the high-res path's tower passes (zoom^2 crops, or the whole image) is reduced on its own,
+        from its class token where the tower has one, as VisionZip does with LLaVA-NeXT's sub-images."""
+        refusal = self.backbone.attention_refusal()
+        if refusal is not None:
+            raise ValueError(f"{reduction.describe()} reads the attention of the vision tower's layer whose output "
+                             f"the model uses: {refusal}")
+        crops = 1 if self.high_res_path == "whole" else self.zoom**2
+        return crops * reduction.pass_tokens(self.hr_grid**2 // crops, self.backbone.has_class_token)
+
+    def encode_reduced(self, images: Tensor, project: Callable[[Tensor], Tensor],
+                       reduction: ImageTokenReduction) -> EncodedImages:
+        self._check_size(images)
+        whole = self.high_res_path == "whole"
+        with contextlib.nullcontext() if self.high_res_grad else torch.no_grad():
+            attention = self.backbone.token_attention(images if whole else self._crops(images))
+        tokens = reduction.reduce(attention, 1 if whole else self.zoom)
+        hr_features = attention.tokens if whole else self._stitched(attention.tokens)
+        kept = tokens.new_full((images.shape[0],), tokens.shape[1] / self.hr_grid**2, dtype=torch.float32)
+        return EncodedImages(project(tokens), None, hr_features=hr_features, kept_fraction=kept)
+
     def encode(self, images: Tensor, project: Callable[[Tensor], Tensor], mode: str,
                content_box: Tensor | None = None) -> EncodedImages:
         """``content_box`` (B, 4): the part of each padded square that shows the image (the whole square
@@ -164,14 +202,21 @@ class DualPathEncoder(VisualEncoder):
             return self._encode_crops(images)
 
     def _encode_crops(self, images: Tensor) -> Tensor:
+        return self._stitched(self.backbone(self._crops(images)))
+
+    def _crops(self, images: Tensor) -> Tensor:
+        """(B, 3, z*n, z*n) -> (B*z*z, 3, n, n), each image's crops row-major."""
         batch, channels = images.shape[:2]
-        z, n, g = self.zoom, self.backbone.image_size, self.lr_grid
-        # (B, 3, z*n, z*n) -> (B*z*z, 3, n, n), crops row-major
+        z, n = self.zoom, self.backbone.image_size
         crops = images.reshape(batch, channels, z, n, z, n).permute(0, 2, 4, 1, 3, 5)
-        tokens = self.backbone(crops.reshape(batch * z * z, channels, n, n))
-        # (B*z*z, g*g, C) -> (B, z*g * z*g, C): big-grid row = crop row * g + token row, same for columns
-        tokens = tokens.reshape(batch, z, z, g, g, -1).permute(0, 1, 3, 2, 4, 5)
-        return tokens.reshape(batch, (z * g) ** 2, -1)
+        return crops.reshape(batch * z * z, channels, n, n)
+
+    def _stitched(self, tokens: Tensor) -> Tensor:
+        """The crops' tokens (B*z*z, g*g, C) -> (B, z*g * z*g, C): big-grid row = crop row * g + token row,
+        same for columns."""
+        z, g = self.zoom, self.lr_grid
+        tokens = tokens.reshape(-1, z, z, g, g, tokens.shape[-1]).permute(0, 1, 3, 2, 4, 5)
+        return tokens.reshape(tokens.shape[0], (z * g) ** 2, -1)
 
     def _check_size(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[-2:] != (self.high_res_size, self.high_res_size):

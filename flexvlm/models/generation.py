@@ -71,7 +71,7 @@ def generation_steps(
                 embeds = model.llm.embed(generated[:, -1:])
                 mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
             logits = model.step(embeds, mask, cache, state, inputs.pruning)[:, -1]
-            budget = state if state is not None else inputs.pruning  # what spends high-res tokens, if anything
+            budget = inputs.budget  # what spends high-res tokens, if anything
             rows_fraction = budget.row_fraction() if budget is not None else None
             masks = state.masks if state is not None else {}
         else:

@@ -5,7 +5,9 @@ At the prompt (a teacher-forced pass, or a generation's prefill) the sequence is
 stage: the tokens kept move to the front, in their order, each sample padded to the batch's longest
 with invalid slots; the dropped tokens keep the hidden state they had when dropped. Each layer's KV
 cache then holds its own stage's tokens, so a later decoding step builds one set of masks and
-positions per stage (``step_inputs``) from what the prompt recorded (``Segment``).
+positions per stage (``step_inputs``) from what the prompt recorded (``Segment``). Tokens a reduction
+makes of dropped ones (``TokenReduction.merged``) take slots of the compacted sequence, and of the cache,
+like the tokens kept.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from torch import Tensor
 from flexvlm.models.decoder import (
     AttentionInputs, DecoderLayer, KVCache, LanguageModel, build_attention_inputs, gather_rows,
 )
-from flexvlm.models.flex_attention import SelectingRows, mapped_layer, row_probs, selected_first
-from flexvlm.reduction import Stage, TokenReduction, kept_count
+from flexvlm.models.flex_attention import SelectingRows, mapped_layer, row_probs
+from flexvlm.reduction import Stage, TokenReduction
 
 
 @dataclass
@@ -28,11 +30,16 @@ class Segment:
     """The prompt's tokens that the layers from ``start`` on see (until the next stage)."""
 
     start: int
-    index: Tensor  # (B, n) their positions in the prompt
+    index: Tensor  # (B, n) their positions in the prompt (-1: a token the reduction made, no prompt row)
     valid: Tensor  # (B, n) real tokens (False: padding of the compacted batch)
     image: Tensor  # (B, n) image tokens among them
     positions: Tensor  # (B, n) their RoPE positions
     shift: Tensor  # (B,) how far a token after the prompt moves back (renumbering reductions; else 0)
+
+    @property
+    def in_prompt(self) -> Tensor:
+        """(B, n) the real tokens that are rows of the prompt."""
+        return self.valid & (self.index >= 0)
 
 
 @dataclass
@@ -59,53 +66,76 @@ class SequencePruning:
         batch, n = attention_mask.shape
         positions = llm.position_ids(attention_mask, batch, n, 0, embeds.device)
         valid = attention_mask.bool()
-        # the rows where an answer starts rate the tokens
-        raters = row_mask & ~torch.nn.functional.pad(row_mask[:, :-1], (1, 0), value=False)
+        answer_starts = row_mask & ~torch.nn.functional.pad(row_mask[:, :-1], (1, 0), value=False)
+        with torch.no_grad():  # which rows rate is no function of the weights to train
+            raters = self.reduction.raters(embeds, self.image_mask & valid, valid, answer_starts)
         current = Segment(0, torch.arange(n, device=embeds.device).expand(batch, n), valid, self.image_mask & valid,
                           positions, positions.new_zeros(batch))
         self.segments = [current]
         num_images = current.image.sum(-1)
         stages = {stage.prune_before: stage for stage in self.stages}
-        hidden, x, scores = embeds, embeds, None
+        hidden, x, rating = embeds, embeds, None
         for i, layer in enumerate(llm.layers):
             if i in stages:
                 if stages[i].rate_at == i:  # the coming layer's map, previewed on the full sequence
-                    scores = self._previewed_scores(layer, x, inputs, raters)
+                    rating = self._previewed_rating(layer, x, inputs, raters)
                 hidden = _write_back(hidden, x, current)
-                keep = _keep(scores, current, kept_count(num_images, stages[i].keep))
-                current, x, raters = self._compacted(current, keep, x, raters, i)
+                current, x, raters = self._dropped(stages[i], rating, current, x, raters, num_images)
                 self.segments.append(current)
                 cos, sin = llm.rope(current.positions, embeds.dtype)
                 inputs = build_attention_inputs(cos, sin, 0, current.valid)
             if i + 1 in stages and stages[i + 1].rate_at == i:  # this layer's own map rates for the next
                 rows = SelectingRows.from_mask(raters, inputs)
                 x, probs = llm.checkpointed(layer, x, inputs, cache, partial(mapped_layer, rows=rows, map_grad=False))
-                scores = self.reduction.scores(probs, rows.valid)
+                rating = probs, rows.valid
             else:
                 x = llm.checkpointed(layer, x, inputs, cache)
         return llm.final_norm(_write_back(hidden, x, current))
 
-    def _previewed_scores(self, layer: DecoderLayer, x: Tensor, inputs: AttentionInputs, raters: Tensor) -> Tensor:
-        """(B, n) each token's score from the rating rows' attention in ``layer`` on its input ``x``, before
-        the layer runs (on the shorter sequence); q, k and v of every token, as PyramidDrop computes them."""
+    def _previewed_rating(self, layer: DecoderLayer, x: Tensor, inputs: AttentionInputs,
+                          raters: Tensor) -> tuple[Tensor, Tensor]:
+        """The rating rows' attention in ``layer`` on its input ``x``, before the layer runs (on the shorter
+        sequence), and which rows are real; q, k and v of every token, as PyramidDrop computes them."""
         rows = SelectingRows.from_mask(raters, inputs)
         attn = layer.self_attn
         q, k, _ = attn.qkv(layer.attention_input(x), inputs, None)
-        probs = row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad=False)
-        return self.reduction.scores(probs, rows.valid)
+        return row_probs(attn, gather_rows(q, rows.rows), k, rows.visible, map_grad=False), rows.valid
 
-    def _compacted(self, current: Segment, keep: Tensor, x: Tensor, raters: Tensor,
-                   start: int) -> tuple[Segment, Tensor, Tensor]:
-        """The tokens in ``keep`` (B, n) moved to the front, in order."""
-        order, valid = selected_first(keep)
+    def _dropped(self, stage: Stage, rating: tuple[Tensor, Tensor], current: Segment, x: Tensor, raters: Tensor,
+                 num_images: Tensor) -> tuple[Segment, Tensor, Tensor]:
+        """The sequence after ``stage``'s drop, rated by ``rating`` (the rating rows' attention, their validity)."""
+        probs, rater_valid = rating
+        scores = self.reduction.scores(probs, rater_valid)
+        keep = _keep(scores, current, self.reduction.counts(stage, probs, rater_valid, current.image, num_images))
+        merged = self.reduction.merged(x, scores, current.image & ~keep)
+        return self._compacted(current, keep, x, raters, stage.prune_before, merged)
+
+    def _compacted(self, current: Segment, keep: Tensor, x: Tensor, raters: Tensor, start: int,
+                   merged: tuple[Tensor, Tensor] | None) -> tuple[Segment, Tensor, Tensor]:
+        """The tokens in ``keep`` (B, n) moved to the front, in order, with the ``merged`` tokens (if any)
+        right after each sample's last image token."""
         renumber = self.reduction.renumber_positions
+        if merged is not None and not renumber:
+            raise ValueError(f"{self.reduction.describe()} merges tokens, which have no position of their own: "
+                             "a reduction that merges renumbers its sequence (renumber_positions = True)")
+        tokens, made = merged if merged is not None else (x[:, :0], keep[:, :0])
+        width, extra = keep.shape[1], made.shape[1]
+        # sort keys: a token's place, spaced so that the merged ones fit between the last image token and the next
+        place = torch.arange(width, device=keep.device).expand_as(keep) * (extra + 1)
+        after_image = torch.where(current.image, place, 0).amax(-1, keepdim=True)
+        order, valid = _in_order(torch.cat((keep, made), 1),
+                                 torch.cat((place, after_image + 1 + torch.arange(extra, device=keep.device)), 1))
+
+        def ordered(values: Tensor, made_value: bool | int) -> Tensor:
+            return torch.cat((values, values.new_full(made.shape, made_value)), 1).gather(1, order)
+
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0) if renumber else current.positions.gather(1, order)
-        dropped_real = current.valid.sum(-1) - valid.sum(-1)
+        dropped_real = current.valid.sum(-1) - valid.sum(-1)  # net of the merged tokens, which take slots
         shift = current.shift + dropped_real if renumber else current.shift
-        segment = Segment(start, current.index.gather(1, order), valid, current.image.gather(1, order) & valid,
-                          positions, shift)
-        x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-        return segment, x, raters.gather(1, order) & valid
+        segment = Segment(start, ordered(current.index, -1), valid, ordered(current.image, True) & valid, positions,
+                          shift)
+        x = torch.cat((x, tokens.to(x.dtype)), 1).gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+        return segment, x, ordered(raters, False) & valid
 
     # -- later decoding steps ------------------------------------------------------------------------
     def step_inputs(self, llm: LanguageModel, inputs: AttentionInputs, attention_mask: Tensor,
@@ -148,8 +178,17 @@ def _keep(scores: Tensor, current: Segment, counts: Tensor) -> Tensor:
     return (current.valid & ~current.image) | (current.image & (rank < counts[:, None]))
 
 
+def _in_order(slots: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, L) bool ``slots`` -> indices (B, K) of the True entries by ascending ``key`` (B, L), padded to the
+    largest count K, and valid (B, K)."""
+    counts = slots.sum(-1)
+    order = key.masked_fill(~slots, int(key.max()) + 1).argsort(dim=-1, stable=True)[:, : int(counts.max())]
+    return order, torch.arange(order.shape[1], device=slots.device) < counts[:, None]
+
+
 def _write_back(hidden: Tensor, x: Tensor, segment: Segment) -> Tensor:
     """``hidden`` (B, N, D) at the prompt's length with the current states ``x`` of ``segment``'s real
-    tokens written at their places."""
+    prompt tokens written at their places."""
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(segment.index)
-    return hidden.index_put((rows[segment.valid], segment.index[segment.valid]), x[segment.valid])
+    real = segment.in_prompt
+    return hidden.index_put((rows[real], segment.index[real]), x[real])

@@ -4,6 +4,8 @@ stage's feature map of a convolutional network.
 Every backbone maps normalised images (B, 3, H, W) to row-major patch tokens (B, H/p * W/p, C),
 without class or other prefix tokens. Any H, W that are multiples of the patch size work: the
 position embeddings are resampled bicubically (the "whole image at any size" high-res path).
+The ViT towers also give what their returned layer's attention computed for those tokens
+(``token_attention``), which a reduction of the image tokens before the decoder reads (VisionZip).
 """
 
 from __future__ import annotations
@@ -11,19 +13,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import timm
 import torch
+import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from timm.layers import Attention as TimmAttention
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import Tensor, nn
 
 from flexvlm.weights import load_state_dict_strict, read_state_dict
 
-__all__ = ["VisionBackbone", "TimmBackbone", "TimmFeatureMapBackbone", "OpenClipBackbone", "PatchMLPBackbone"]
+__all__ = ["VisionBackbone", "TimmBackbone", "TimmFeatureMapBackbone", "OpenClipBackbone", "PatchMLPBackbone",
+           "TokenAttention"]
 
 def _block_index(layer: int, depth: int, what: str = "layer", parts: str = "blocks") -> int:
     """Python-style (negative counts from the end) index into `depth` blocks, as a positive index."""
@@ -39,6 +46,34 @@ def _resample_pos_embed(pos_embed: Tensor, grid: int, new_grid: tuple[int, int],
     )
 
 
+@dataclass
+class TokenAttention:
+    """What the layer a ViT tower returns computed for a batch's patch tokens (``token_attention``)."""
+
+    tokens: Tensor  # (B, n, C) the patch tokens the backbone returns: that layer's output
+    cls: Tensor | None  # (B, C) the class token after the same layer; None for a tower without one (SigLIP)
+    importance: Tensor  # (B, n) float32: each patch token's softmax attention in that layer, mean over heads,
+    # from the class token, or for a tower without one the mean over every query (prefix tokens included)
+    keys: Tensor  # (B, n, head_dim) float32: that layer's keys of the patch tokens, mean over heads
+
+
+def _layer_attention(q: Tensor, k: Tensor, scale: float, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """q (B, heads, R, hd) of the rating rows and k (B, heads, T, hd) of every token of one attention layer,
+    as its softmax uses them -> (importance (B, n), keys (B, n, hd)) of the n = T - num_prefix patch tokens:
+    the rows' attention, mean over heads and rows; the keys, mean over heads."""
+    q, k = q.float(), k.float()
+    probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return probs.mean((1, 2))[:, num_prefix:], k.mean(1)[:, num_prefix:]
+
+
+def _query_key(x: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None, heads: int) -> tuple[Tensor, Tensor]:
+    """The q of ``rows`` and the k of ``x`` (B, T, C) by a fused q / k / v projection (``weight`` (3 D, C), q
+    first) -> (B, heads, R, hd), (B, heads, T, hd)."""
+    (wq, wk, _), (bq, bk, _) = weight.chunk(3), ((None,) * 3 if bias is None else bias.chunk(3))
+    q, k = F.linear(rows, wq, bq), F.linear(x, wk, bk)
+    return q.unflatten(-1, (heads, -1)).transpose(1, 2), k.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
 def _read_checkpoint(module: nn.Module, path: str | Path) -> dict[str, Tensor]:
     """The tower's weight file, refused for a tower built on the meta device, which cannot hold them."""
     if any(p.is_meta for p in module.parameters()):
@@ -51,7 +86,8 @@ class VisionBackbone(nn.Module):
     """Base class: images (B, 3, H, W) -> patch tokens (B, H/p * W/p, embed_dim), row-major.
 
     Subclasses set `image_size`, `patch_size`, `embed_dim`, `mean`, `std`, implement
-    `_patch_tokens`, and call `freeze()` at the end of `__init__` when asked to be frozen.
+    `_patch_tokens`, and call `freeze()` at the end of `__init__` when asked to be frozen; those with
+    attention also `has_class_token`, `_token_attention` and `attention_refusal`.
     """
 
     image_size: int  # native input size
@@ -59,6 +95,7 @@ class VisionBackbone(nn.Module):
     embed_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    has_class_token: bool = False  # a class token runs through the blocks with the patches (CLIP's; not SigLIP's)
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,12 +115,33 @@ class VisionBackbone(nn.Module):
         return super().train(mode and not self.frozen)
 
     def forward(self, images: Tensor) -> Tensor:
+        self._check_size(images)
+        return self._patch_tokens(images)
+
+    def token_attention(self, images: Tensor) -> TokenAttention:
+        """The patch tokens ``forward`` returns, with what the attention of the layer that outputs them
+        computed: each token's importance and keys (``TokenAttention``). Refused (TypeError) by a tower
+        ``attention_refusal`` names."""
+        self._check_size(images)
+        refusal = self.attention_refusal()
+        if refusal is not None:
+            raise TypeError(refusal)
+        return self._token_attention(images)
+
+    def attention_refusal(self) -> str | None:
+        """Why ``token_attention`` cannot read this tower; None where it can."""
+        return (f"{type(self).__name__} has no attention layer (no token attends to another); use a ViT tower: "
+                f"TimmBackbone (a timm ViT, e.g. experiments/regions/vit_tower.yaml) or OpenClipBackbone")
+
+    def _check_size(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
-        return self._patch_tokens(images)
 
     def _patch_tokens(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _token_attention(self, images: Tensor) -> TokenAttention:
         raise NotImplementedError
 
 
@@ -133,16 +191,47 @@ class TimmBackbone(VisionBackbone):
         self.embed_dim = self.model.embed_dim
         self.mean = tuple(self.model.pretrained_cfg["mean"])
         self.std = tuple(self.model.pretrained_cfg["std"])
+        self.has_class_token = bool(getattr(self.model, "has_class_token", False))
         if frozen:
             self.freeze()
 
-    def _patch_tokens(self, images: Tensor) -> Tensor:
+    def _intermediates(self, images: Tensor, prefix: bool) -> list:
         # norm=True applies the final norm to the intermediates, here the last block's output alone
         norm = {"norm": True} if self.final_norm else {}
-        (tokens,) = self.model.forward_intermediates(
-            images, indices=[self.block_index], intermediates_only=True, output_fmt="NLC", stop_early=True, **norm
-        )
+        return self.model.forward_intermediates(images, indices=[self.block_index], return_prefix_tokens=prefix,
+                                                intermediates_only=True, output_fmt="NLC", stop_early=True, **norm)
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        (tokens,) = self._intermediates(images, prefix=False)
         return tokens
+
+    def attention_refusal(self) -> str | None:
+        block = self.model.blocks[self.block_index]
+        if type(block) is not TimmBlock or type(block.attn) is not TimmAttention:
+            return (f"block {self.block_index} of {type(self.model).__name__} is a {type(block).__name__} with "
+                    f"{type(getattr(block, 'attn', None)).__name__} attention; flexvlm reads the attention of timm's "
+                    f"plain ViT block (timm.models.vision_transformer.Block, timm.layers.Attention) only")
+        return None
+
+    def _token_attention(self, images: Tensor) -> TokenAttention:
+        """The block's own attention, recomputed from its q / k projections on its input (caught by a
+        forward pre-hook: timm's fused attention returns no map)."""
+        block = self.model.blocks[self.block_index]
+        block_inputs: list[Tensor] = []
+        hook = block.register_forward_pre_hook(lambda _, args: block_inputs.append(args[0]))
+        try:
+            (out,) = self._intermediates(images, prefix=True)
+        finally:
+            hook.remove()
+        attn, num_prefix = block.attn, self.model.num_prefix_tokens
+        tokens, prefix = out if num_prefix else (out, None)
+        with torch.no_grad():
+            x = block.norm1(block_inputs[0])
+            rows = x[:, :1] if self.has_class_token else x  # the class token rates; without one, every token
+            q, k = _query_key(x, rows, attn.qkv.weight, attn.qkv.bias, attn.num_heads)
+            importance, keys = _layer_attention(attn.q_norm(q), attn.k_norm(k), attn.scale, num_prefix)
+        cls = prefix[:, 0] if self.has_class_token else None
+        return TokenAttention(tokens, cls, importance, keys)
 
 
 class TimmFeatureMapBackbone(VisionBackbone):
@@ -243,10 +332,12 @@ class OpenClipBackbone(VisionBackbone):
         self.embed_dim = visual.transformer.width
         self.mean = OPENAI_DATASET_MEAN
         self.std = OPENAI_DATASET_STD
+        self.has_class_token = True
         if frozen:
             self.freeze()
 
-    def _patch_tokens(self, images: Tensor) -> Tensor:
+    def _blocks_input(self, images: Tensor) -> Tensor:
+        """(B, 1 + h*w, C): the class token and the patch tokens as the first block takes them."""
         # open_clip's own forward cannot resample position embeddings, hence the steps spelled out;
         # patch dropout is skipped on purpose: the selection needs every token of the grid.
         visual = self.visual
@@ -255,10 +346,35 @@ class OpenClipBackbone(VisionBackbone):
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         pos = _resample_pos_embed(visual.positional_embedding[None], self.grid_size, grid, num_prefix=1)
-        x = visual.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
-        for block in visual.transformer.resblocks:  # already cut after the chosen layer
+        return visual.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+
+    def _patch_tokens(self, images: Tensor) -> Tensor:
+        x = self._blocks_input(images)
+        for block in self.visual.transformer.resblocks:  # already cut after the chosen layer
             x = block(x)
         return x[:, 1:]
+
+    def attention_refusal(self) -> str | None:
+        block = self.visual.transformer.resblocks[-1]
+        if type(block) is not ResidualAttentionBlock or not block.attn._qkv_same_embed_dim:
+            return (f"block {self.block_index} is a {type(block).__name__}; flexvlm reads the attention of "
+                    f"open_clip's plain ResidualAttentionBlock (one in_proj of nn.MultiheadAttention) only")
+        return None
+
+    def _token_attention(self, images: Tensor) -> TokenAttention:
+        """The last block's own attention, recomputed from its q / k projections on its input
+        (nn.MultiheadAttention's fused path returns no map)."""
+        *before, last = self.visual.transformer.resblocks
+        x = self._blocks_input(images)
+        for block in before:
+            x = block(x)
+        attn = last.attn
+        with torch.no_grad():
+            h = last.ln_1(x)  # the class token rates
+            q, k = _query_key(h, h[:, :1], attn.in_proj_weight, attn.in_proj_bias, attn.num_heads)
+            importance, keys = _layer_attention(q, k, attn.head_dim**-0.5, num_prefix=1)
+        x = last(x)
+        return TokenAttention(x[:, 1:], x[:, 0], importance, keys)
 
 
 class _ResidualMLP(nn.Module):

@@ -38,7 +38,7 @@ from flexvlm.models.geometry import VisualLayout, high_res_rope
 from flexvlm.models.projector import build_projector
 from flexvlm.models.pruning import SequencePruning
 from flexvlm.models.vision import VisionBackbone
-from flexvlm.reduction import TokenReduction, build_reduction
+from flexvlm.reduction import ImageTokenReduction, TokenReduction, build_reduction
 from flexvlm.selection import SelectionStrategy, build_selection
 
 MODES = ("lr_only", "hd", "xattn", "flex")
@@ -56,7 +56,29 @@ class MultimodalInputs:
     hr_features: Tensor | None  # (B, G*G, C)
     image_mask: Tensor  # (B, N) bool: the image tokens in the sequence
     high_res: HighResState | None = None
-    pruning: SequencePruning | None = None  # hd mode with a token reduction
+    pruning: SequencePruning | None = None  # hd mode with a token reduction in the decoder
+    reduced: KeptImageTokens | None = None  # hd mode with a reduction before the decoder
+
+    @property
+    def budget(self) -> HighResState | SequencePruning | KeptImageTokens | None:
+        """What spends a share of the high-res tokens, if anything (its ``row_fraction``)."""
+        return next((b for b in (self.high_res, self.pruning, self.reduced) if b is not None), None)
+
+
+@dataclass
+class KeptImageTokens:
+    """hd's image tokens after a reduction before the decoder (``ImageTokenReduction``, e.g. VisionZip):
+    every layer sees the same of them."""
+
+    fraction: Tensor  # (B,) the share of the sample's high-res tokens in the sequence
+
+    def image_fraction(self) -> Tensor:
+        """(B,) the share of the image tokens a layer sees, mean over the layers (``SequencePruning``'s)."""
+        return self.fraction
+
+    def row_fraction(self) -> Tensor:
+        """(B, 1): every row alike (``HighResState.row_fraction``)."""
+        return self.fraction[:, None]
 
 
 @dataclass
@@ -103,7 +125,7 @@ class FlexVLM(nn.Module):
         flex_impl: str = "fused",
         margin_rule: str = "centre",
         encoder: VisualEncoder | None = None,
-        reduction: TokenReduction | str | None = None,
+        reduction: TokenReduction | ImageTokenReduction | str | None = None,
     ) -> None:
         """``backbone``: the vision tower of LLaVA-1.5's geometry, which ``zoom``, ``high_res_path``,
         ``high_res_grad`` and ``margin_rule`` complete (``DualPathEncoder``); or, instead of all of them,
@@ -127,7 +149,8 @@ class FlexVLM(nn.Module):
         padded image count as border, out of the selecting maps (``flexvlm.selection.valid_grid``:
         ``centre``, or the authors' ``release``, which the released checkpoint's path uses).
         ``reduction`` (``hd`` only): a peer method that drops image tokens from the sequence between
-        decoder layers (``flexvlm.reduction``: ``fastv``, ``pyramid_drop``)."""
+        decoder layers (``flexvlm.reduction``: ``fastv``, ``pyramid_drop``), or reduces them before the
+        decoder (``visionzip``)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
@@ -170,8 +193,10 @@ class FlexVLM(nn.Module):
             raise ValueError(f"a token reduction ({reduction!r}) drops image tokens of the sequence, which only mode hd "
                              f"holds; mode {mode!r} has none to drop")
         self.reduction = build_reduction(reduction) if reduction is not None else None
-        if self.reduction is not None:
+        if isinstance(self.reduction, TokenReduction):
             self.reduction.check(num_layers)
+        elif self.reduction is not None:  # refused here where the encoder's tower cannot give what it reads
+            self.encoder.reduced_tokens(self.reduction)
         if self.uses_high_res_attention:
             for layer in self.llm.layers[num_sa_layers:]:
                 layer.self_attn = FlexAttention(layer.self_attn)
@@ -246,6 +271,14 @@ class FlexVLM(nn.Module):
         return self.mode == "flex" or self.reduction is not None
 
     @property
+    def placeholder_tokens(self) -> int:
+        """Sequence positions one image placeholder of a prompt stands for (the encoder's; after a reduction
+        before the decoder, those it leaves)."""
+        if isinstance(self.reduction, ImageTokenReduction):
+            return self.encoder.reduced_tokens(self.reduction)
+        return self.encoder.placeholder_tokens(self.mode)
+
+    @property
     def flex_layers(self) -> list[int]:
         return list(range(self.num_sa_layers, self.config.num_layers)) if self.uses_high_res_attention else []
 
@@ -271,12 +304,17 @@ class FlexVLM(nn.Module):
         place of each row's image placeholders. ``high_res_kv`` (``lazy`` / ``prefill``): how a
         generation projects HR K/V; ``map_grad``: the selecting maps keep their gradient (see
         HighResState)."""
-        encoded = self.encoder.encode(images, self.projector, self.mode, content_box)
+        if isinstance(self.reduction, ImageTokenReduction):
+            encoded = self.encoder.encode_reduced(images, self.projector, self.reduction)
+        else:
+            encoded = self.encoder.encode(images, self.projector, self.mode, content_box)
         embeds, mask, labels, image_start, image_mask = self._splice(input_ids, attention_mask, labels, encoded)
         inputs = MultimodalInputs(embeds, mask, labels, image_start, encoded.lr_features, encoded.hr_features,
                                   image_mask)
-        if self.reduction is not None:
+        if isinstance(self.reduction, TokenReduction):
             inputs.pruning = SequencePruning.create(self.reduction, image_mask, self.config.num_layers)
+        elif self.reduction is not None:
+            inputs.reduced = KeptImageTokens(encoded.kept_fraction)
         if self.uses_high_res_attention:
             inputs.high_res = self._high_res_state(inputs, encoded.high_res, encoded.layout, alpha, high_res_kv,
                                                    map_grad)
@@ -433,8 +471,8 @@ class FlexVLM(nn.Module):
         state = inputs.high_res
         out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
                         selection_maps=maps)
-        if inputs.pruning is not None:
-            out.sample_fraction, out.row_fraction = inputs.pruning.image_fraction(), inputs.pruning.row_fraction()
+        if self.reduction is not None:  # hd: the reduction's record is the budget
+            out.sample_fraction, out.row_fraction = inputs.budget.image_fraction(), inputs.budget.row_fraction()
         if state is not None:
             out.selected_fraction, out.selection_masks = state.selected_fraction, dict(state.masks)
             out.selection_maps, out.sample_fraction = dict(state.maps), state.sample_fraction()

@@ -5,7 +5,7 @@ training as well as at inference; the sequence is renumbered after each drop, as
 
 from __future__ import annotations
 
-from flexvlm.reduction.base import REDUCTION, Stage, TokenReduction
+from flexvlm.reduction.base import REDUCTION, Stage, TokenReduction, stage_ratio
 
 
 @REDUCTION.register("pyramid_drop")
@@ -37,24 +37,8 @@ class PyramidDrop(TokenReduction):
 
     def stages(self, num_layers: int) -> list[Stage]:
         layers = self.stage_layers(num_layers)
-        ratio = self.ratio if self.ratio is not None else self._ratio_for(self.keep, layers, num_layers)
+        ratio = self.ratio if self.ratio is not None else stage_ratio(self.keep, layers, num_layers)
         return [Stage(prune_before=layer, rate_at=layer, keep=ratio ** (s + 1)) for s, layer in enumerate(layers)]
-
-    @staticmethod
-    def _ratio_for(keep: float, layers: list[int], num_layers: int) -> float:
-        """lambda whose stages give the layers from the first stage on a mean share ``keep``: the mean,
-        sum over stages of (stage length) lambda^(s + 1) / (layers from the first stage), grows with
-        lambda, so bisection finds it."""
-        lengths = [end - start for start, end in zip(layers, [*layers[1:], num_layers])]
-
-        def mean_share(ratio: float) -> float:
-            return sum(n * ratio ** (s + 1) for s, n in enumerate(lengths)) / sum(lengths)
-
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            middle = (low + high) / 2
-            low, high = (middle, high) if mean_share(middle) < keep else (low, middle)
-        return (low + high) / 2
 
     def describe(self) -> str:
         setting = f"lambda={self.ratio}" if self.ratio is not None else f"keep={self.keep}"
