@@ -108,11 +108,13 @@ class Protocol:
     schedule_modes: list[str]
     candidates: dict[str, list[str]]  # name -> extra CLI arguments
     targets: dict = field(default_factory=dict)
+    claims: list[dict] = field(default_factory=list)  # orderings to check on the means (``check_claims``)
 
     @classmethod
     def load(cls, path: str | Path) -> "Protocol":
         raw = yaml.safe_load(Path(path).read_text())
-        known = {"base", "experiments", "stage1", "stage2", "seeds", "save_dir", "studies", "schedule", "targets"}
+        known = {"base", "experiments", "stage1", "stage2", "seeds", "save_dir", "studies", "schedule", "targets",
+                 "claims"}
         if unknown := set(raw) - known:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: {sorted(known)}")
         study_keys = {"files", "modes", "seeds", "budgets", "budgeted", "evaluations"}
@@ -126,7 +128,8 @@ class Protocol:
         schedule = raw.get("schedule") or {"modes": [], "candidates": {"default": []}}
         protocol = cls(raw["base"], raw["experiments"], raw["stage1"], raw["stage2"], list(raw["seeds"]),
                        raw.get("save_dir", "runs/protocol"), studies, list(schedule["modes"]),
-                       {k: [str(a) for a in v] for k, v in schedule["candidates"].items()}, raw.get("targets", {}))
+                       {k: [str(a) for a in v] for k, v in schedule["candidates"].items()}, raw.get("targets", {}),
+                       list(raw.get("claims", [])))
         protocol.check()
         return protocol
 
@@ -145,6 +148,14 @@ class Protocol:
             raise ValueError("protocol needs at least one seed")
         for study in self.studies:
             study.check()
+        studies = {s.name: {name for name, _, _ in s.runs()} for s in self.studies}
+        for claim in self.claims:
+            forms = [f for f in CLAIM_FORMS if f in claim]
+            runs = studies.get(claim.get("study"), set())
+            if (len(forms) != 1 or CLAIM_FORMS[forms[0]] not in claim or claim.get("config") not in runs
+                    or claim[forms[0]] not in runs):
+                raise ValueError(f"claim {claim} must name a study, two of its runs (config and beats / ties) and the "
+                                 f"margin (by / within); the study's runs: {sorted(runs)}")
 
 
 def _budgeted(study: str, budgeted: dict) -> tuple[dict[str, str], dict[str, list[float]]]:
@@ -332,6 +343,7 @@ class Runner:
                          for name, mode, settings in study.runs()]
         report = {"schedule": chosen, "schedule_rows": schedule_rows, "rows": rows, "summary": summarise(rows)}
         report["targets"] = check_targets(report["summary"], p.targets) if p.targets else []
+        report["targets"] += check_claims(report["summary"], p.claims)
         self.write(report)
         return report
 
@@ -408,6 +420,35 @@ def check_targets(summary: dict[tuple[str, str], dict], targets: dict) -> list[t
     return checks
 
 
+CLAIM_FORMS = {"beats": "by", "ties": "within"}
+
+
+def check_claims(summary: dict[tuple[str, str], dict], claims: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """Orderings on the means, -> (claim, measured, holds; None where a config did not run). A claim is
+    ``{study, config, beats: other, by: margin}`` (config's accuracy >= other's + margin) or ``{study,
+    config, ties: other, within: margin}`` (|difference| <= margin), on the answers of one tag
+    (``on: regions=3``) or on all (``on: all``, the default)."""
+    checked = []
+    for claim in claims:
+        study, config, on = claim["study"], claim["config"], claim.get("on", "all")
+        form = next(f for f in CLAIM_FORMS if f in claim)
+        other, margin = claim[form], float(claim[CLAIM_FORMS[form]])
+        text = (f"{study}: {config} {form} {other} on {on} " + (f"by >= {margin:g}" if form == "beats"
+                                                                 else f"within {margin:g}"))
+
+        def accuracy(name: str) -> float | None:
+            s = summary.get((study, name))
+            return None if s is None else s["accuracy"] if on == "all" else s["by_tag"].get(on)
+
+        a, b = accuracy(config), accuracy(other)
+        if a is None or b is None:
+            checked.append((text, "not run", None))
+            continue
+        holds = a >= b + margin if form == "beats" else abs(a - b) <= margin
+        checked.append((text, f"{a:.3f} vs {b:.3f}", holds))
+    return checked
+
+
 def markdown(report: dict, protocol: Protocol) -> str:
     seeds = ", ".join(map(str, protocol.seeds)) + " (a study's own seeds where the table says fewer)"
     lines = [f"Stage-2 schedule: `{report['schedule']}` ({' '.join(protocol.candidates[report['schedule']]) or 'as in stage2'}).", ""]
@@ -436,7 +477,7 @@ def markdown(report: dict, protocol: Protocol) -> str:
             lines.append(f"| {study} | {config} | " + " | ".join(cells) + " |")
     if report["targets"]:
         lines += ["", "| target | measured (means) | holds? |", "|---|---|---|"]
-        lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in report["targets"]]
+        lines += [f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |" for t, m, ok in report["targets"]]
     return "\n".join(lines) + "\n"
 
 

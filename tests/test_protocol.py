@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from flexvlm import protocol as protocol_module
-from flexvlm.protocol import Protocol, Runner, check_targets, summarise
+from flexvlm.protocol import Protocol, Runner, check_claims, check_targets, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ROOT / "experiments" / "synthetic"
@@ -96,6 +96,20 @@ def test_targets_are_checked_on_the_means():
         "lr_only within 10 points of chance": False,  # |0.21 - 0.1| > 0.10
         "flex >= 50 points above chance": True,
     }
+
+
+def test_claims_are_checked_on_the_means_of_a_tag_or_of_all():
+    summary = {("s", "flex"): {"accuracy": 0.6, "by_tag": {"regions=3": 0.5, "regions=1": 0.8}},
+               ("s", "fastv"): {"accuracy": 0.55, "by_tag": {"regions=3": 0.3, "regions=1": 0.84}}}
+    claims = [{"study": "s", "config": "flex", "beats": "fastv", "on": "regions=3", "by": 0.2},  # 0.5 >= 0.3 + 0.2
+              {"study": "s", "config": "flex", "beats": "fastv", "by": 0.1},  # all: 0.6 < 0.55 + 0.1
+              {"study": "s", "config": "flex", "ties": "fastv", "on": "regions=1", "within": 0.05},  # |-0.04|
+              {"study": "s", "config": "flex", "ties": "fastv", "on": "regions=1", "within": 0.03},
+              {"study": "s", "config": "flex", "beats": "sparsevlm", "by": 0.0}]  # not run
+    assert [(measured, holds) for _, measured, holds in check_claims(summary, claims)] == [
+        ("0.500 vs 0.300", True), ("0.600 vs 0.550", False), ("0.800 vs 0.840", True), ("0.800 vs 0.840", False),
+        ("not run", None)]
+    assert check_claims(summary, claims[:1])[0][0] == "s: flex beats fastv on regions=3 by >= 0.2"
 
 
 def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
@@ -253,6 +267,12 @@ def test_a_study_that_tests_a_budgeted_or_unknown_mode_is_refused(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="budgets and budgeted go together"):
         Protocol.load(tmp_path / "bad.yaml")
+    raw["studies"]["main"].pop("budgets")
+    raw["claims"] = [{"study": "main", "config": "flex_attention_ratio", "beats": "fastv", "by": 0.1}]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="must name a study, two of its runs"):
+        Protocol.load(tmp_path / "bad.yaml")
+    raw.pop("claims")
     raw["studies"]["main"] |= {"budgeted": {"flex_random_ratio": {"setting": "model.model.init_args.selection"}}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="must be a dotted setting or"):
