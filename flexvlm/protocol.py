@@ -44,13 +44,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from flexvlm.plots import accuracy_budget_plot, accuracy_flops_plot
-from flexvlm.runs import config_contents, reuse_or_train, run_command, written
+from flexvlm.runs import config_contents, not_reusable, reuse_or_train, run_command, written
 from flexvlm.sweep import build_quietly, trained_cost
 
 STAGE1 = "stage1"
@@ -153,9 +154,10 @@ class Protocol:
             forms = [f for f in CLAIM_FORMS if f in claim]
             runs = studies.get(claim.get("study"), set())
             if (len(forms) != 1 or CLAIM_FORMS[forms[0]] not in claim or claim.get("config") not in runs
-                    or claim[forms[0]] not in runs):
+                    or claim[forms[0]] not in runs or set(claim) - CLAIM_KEYS):
                 raise ValueError(f"claim {claim} must name a study, two of its runs (config and beats / ties) and the "
-                                 f"margin (by / within); the study's runs: {sorted(runs)}")
+                                 f"margin (by / within), and a tag or none (keys: {sorted(CLAIM_KEYS)}); the study's "
+                                 f"runs: {sorted(runs)}")
 
 
 def _budgeted(study: str, budgeted: dict) -> tuple[dict[str, str], dict[str, list[float]]]:
@@ -237,10 +239,20 @@ def _last_value(folder: Path, column: str) -> float:
     return float(values[-1])
 
 
+class NotFinished(Exception):
+    """A run the protocol would train, where it is asked to report the finished runs only."""
+
+
 class Runner:
-    def __init__(self, protocol: Protocol, out: Path) -> None:
-        self.protocol, self.out = protocol, out
+    def __init__(self, protocol: Protocol, out: Path, finished_only: bool = False) -> None:
+        """``finished_only``: report the runs that finished, train none (a protocol still running elsewhere)."""
+        self.protocol, self.out, self.finished_only = protocol, out, finished_only
         self.save_dir = Path(protocol.save_dir)
+
+    def _reuse_or_train(self, folder: Path, record: dict, label: str, train: Callable[[int], None]) -> None:
+        if self.finished_only and not_reusable(folder, record, rerun=False, finished=DONE) is not None:
+            raise NotFinished(label)
+        reuse_or_train(folder, record, label, train, reuse=lambda: None, finished=DONE)
 
     def stage1(self, study: Study, seed: int) -> Path:
         """The stage-1 checkpoint of ``study`` and ``seed``, trained when missing."""
@@ -254,8 +266,7 @@ class Runner:
                 raise RuntimeError(f"stage 1 left no {ckpt}: its config needs a ModelCheckpoint with save_last")
             (folder / DONE).write_text(json.dumps({"wall_s": wall}))
 
-        reuse_or_train(folder, _record(configs, seed, []), f"[protocol] {study.name} stage 1 seed {seed}", train,
-                       reuse=lambda: None, finished=DONE)
+        self._reuse_or_train(folder, _record(configs, seed, []), f"[protocol] {study.name} stage 1 seed {seed}", train)
         return ckpt
 
     def stage2(self, study: Study, mode: str, seed: int, schedule: str, test: bool = True, name: str | None = None,
@@ -276,8 +287,8 @@ class Runner:
             result |= _test_result(folder) if test else {"val_accuracy": _last_value(folder, "val/accuracy")}
             done.write_text(json.dumps(result))
 
-        reuse_or_train(folder, _record(configs, seed, extra, init), f"[protocol] {study.name} {name} seed {seed}",
-                       train, reuse=lambda: None, finished=DONE)
+        self._reuse_or_train(folder, _record(configs, seed, extra, init), f"[protocol] {study.name} {name} seed {seed}",
+                             train)
         if test:
             self._count_flops(done, configs, folder, seed, [*p.candidates[schedule], *settings],
                               folder / "checkpoints" / "last.ckpt")
@@ -299,9 +310,8 @@ class Runner:
             wall = _test(configs, folder, seed, list(settings), source, lock)
             done.write_text(json.dumps({"wall_s": round(wall), **_test_result(folder)}))
 
-        reuse_or_train(folder, _record(configs, seed, list(settings), source),
-                       f"[protocol] {study.name} {name} seed {seed} (tested from {trained})", test, reuse=lambda: None,
-                       finished=DONE)
+        self._reuse_or_train(folder, _record(configs, seed, list(settings), source),
+                             f"[protocol] {study.name} {name} seed {seed} (tested from {trained})", test)
         self._count_flops(done, configs, folder, seed, list(settings), source)
         return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
                 **json.loads(done.read_text())}
@@ -333,14 +343,20 @@ class Runner:
         rows = []
         for study in p.studies:
             for seed in study.seeds or p.seeds:
-                stage1 = self.stage1(study, seed)
+                try:
+                    stage1 = self.stage1(study, seed)
+                except NotFinished:
+                    continue
                 metrics = json.loads((stage1.parent.parent / "metrics.json").read_text())
                 rows.append({"study": study.name, "config": STAGE1, "seed": seed, "schedule": "-",
                              "accuracy": metrics["test/accuracy"], "hr_fraction": None,
                              **json.loads((stage1.parent.parent / DONE).read_text())})
-                rows += [self.evaluate(study, name, mode, seed, chosen, settings) if mode in study.evaluations
-                         else self.stage2(study, mode, seed, chosen, name=name, settings=settings)
-                         for name, mode, settings in study.runs()]
+                for name, mode, settings in study.runs():
+                    try:
+                        rows.append(self.evaluate(study, name, mode, seed, chosen, settings) if mode in study.evaluations
+                                    else self.stage2(study, mode, seed, chosen, name=name, settings=settings))
+                    except NotFinished:
+                        continue
         report = {"schedule": chosen, "schedule_rows": schedule_rows, "rows": rows, "summary": summarise(rows)}
         report["targets"] = check_targets(report["summary"], p.targets) if p.targets else []
         report["targets"] += check_claims(report["summary"], p.claims)
@@ -421,16 +437,17 @@ def check_targets(summary: dict[tuple[str, str], dict], targets: dict) -> list[t
 
 
 CLAIM_FORMS = {"beats": "by", "ties": "within"}
+CLAIM_KEYS = {"study", "config", "tag", *CLAIM_FORMS, *CLAIM_FORMS.values()}
 
 
 def check_claims(summary: dict[tuple[str, str], dict], claims: list[dict]) -> list[tuple[str, str, bool | None]]:
     """Orderings on the means, -> (claim, measured, holds; None where a config did not run). A claim is
     ``{study, config, beats: other, by: margin}`` (config's accuracy >= other's + margin) or ``{study,
     config, ties: other, within: margin}`` (|difference| <= margin), on the answers of one tag
-    (``on: regions=3``) or on all (``on: all``, the default)."""
+    (``tag: regions=3``) or on all (``tag: all``, the default; not ``on``, which YAML reads as true)."""
     checked = []
     for claim in claims:
-        study, config, on = claim["study"], claim["config"], claim.get("on", "all")
+        study, config, on = claim["study"], claim["config"], claim.get("tag", "all")
         form = next(f for f in CLAIM_FORMS if f in claim)
         other, margin = claim[form], float(claim[CLAIM_FORMS[form]])
         text = (f"{study}: {config} {form} {other} on {on} " + (f"by >= {margin:g}" if form == "beats"
@@ -490,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budgets", type=float, nargs="+",
                         help="run the budgeted modes only at these of their budgets (a first pass; a later run of all "
                              "reuses its runs)")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="report the runs that finished and train none (a protocol still running elsewhere)")
     parser.add_argument("--studies", nargs="+", help="run only these studies (e.g. one process a study on a "
                                                      "machine with a core each; a later run of all reuses their runs)")
     args = parser.parse_args(argv)
@@ -506,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budgets:
         for study in protocol.studies:
             study.keep_budgets(args.budgets)
-    return Runner(protocol, Path(args.out or protocol.save_dir)).run()
+    return Runner(protocol, Path(args.out or protocol.save_dir), args.finished_only).run()
 
 
 if __name__ == "__main__":

@@ -101,10 +101,10 @@ def test_targets_are_checked_on_the_means():
 def test_claims_are_checked_on_the_means_of_a_tag_or_of_all():
     summary = {("s", "flex"): {"accuracy": 0.6, "by_tag": {"regions=3": 0.5, "regions=1": 0.8}},
                ("s", "fastv"): {"accuracy": 0.55, "by_tag": {"regions=3": 0.3, "regions=1": 0.84}}}
-    claims = [{"study": "s", "config": "flex", "beats": "fastv", "on": "regions=3", "by": 0.2},  # 0.5 >= 0.3 + 0.2
+    claims = [{"study": "s", "config": "flex", "beats": "fastv", "tag": "regions=3", "by": 0.2},  # 0.5 >= 0.3 + 0.2
               {"study": "s", "config": "flex", "beats": "fastv", "by": 0.1},  # all: 0.6 < 0.55 + 0.1
-              {"study": "s", "config": "flex", "ties": "fastv", "on": "regions=1", "within": 0.05},  # |-0.04|
-              {"study": "s", "config": "flex", "ties": "fastv", "on": "regions=1", "within": 0.03},
+              {"study": "s", "config": "flex", "ties": "fastv", "tag": "regions=1", "within": 0.05},  # |-0.04|
+              {"study": "s", "config": "flex", "ties": "fastv", "tag": "regions=1", "within": 0.03},
               {"study": "s", "config": "flex", "beats": "sparsevlm", "by": 0.0}]  # not run
     assert [(measured, holds) for _, measured, holds in check_claims(summary, claims)] == [
         ("0.500 vs 0.300", True), ("0.600 vs 0.550", False), ("0.800 vs 0.840", True), ("0.800 vs 0.840", False),
@@ -256,6 +256,12 @@ def test_budgets_and_training_free_evaluations_run_as_the_study_says(tmp_path, m
     assert "| main | flex_random_ratio | 0.500 | 0.500 |" in (tmp_path / "out" / "results.md").read_text()
     assert Image.open(tmp_path / "out" / "accuracy_vs_budget.png").size == (720, 480)
 
+    launched.clear()  # a report of the finished runs only trains nothing, and leaves out a mode not run
+    raw["studies"]["main"]["modes"].append("xattn")
+    (tmp_path / "protocol.yaml").write_text(yaml.safe_dump(raw))
+    report = Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out2", finished_only=True).run()
+    assert launched == [] and len(report["rows"]) == 2 * 6 and "xattn" not in {r["config"] for r in report["rows"]}
+
 
 def test_a_study_that_tests_a_budgeted_or_unknown_mode_is_refused(tmp_path):
     raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
@@ -268,10 +274,12 @@ def test_a_study_that_tests_a_budgeted_or_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="budgets and budgeted go together"):
         Protocol.load(tmp_path / "bad.yaml")
     raw["studies"]["main"].pop("budgets")
-    raw["claims"] = [{"study": "main", "config": "flex_attention_ratio", "beats": "fastv", "by": 0.1}]
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match="must name a study, two of its runs"):
-        Protocol.load(tmp_path / "bad.yaml")
+    for claim in ({"study": "main", "config": "flex_attention_ratio", "beats": "fastv", "by": 0.1},
+                  {"study": "main", "config": "flex_attention_ratio", "beats": "hd", "by": 0.1, True: "regions=1"}):
+        raw["claims"] = [claim]  # a run the study lacks; YAML's `on:`, read as true
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(ValueError, match="must name a study, two of its runs"):
+            Protocol.load(tmp_path / "bad.yaml")
     raw.pop("claims")
     raw["studies"]["main"] |= {"budgeted": {"flex_random_ratio": {"setting": "model.model.init_args.selection"}}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
