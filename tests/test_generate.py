@@ -125,3 +125,21 @@ def test_release_style_layer_generates_the_same_tokens():
     ids, mask, images = _prompts()
     a, b = (generate(m, ids, mask, images, max_new_tokens=6) for m in (fused, release))
     assert a.tokens == b.tokens and torch.allclose(a.hr_fraction, b.hr_fraction)
+
+
+# flex_attention compiles a kernel per padded shape (about a minute on 2 cores): with make test-slow
+@pytest.mark.parametrize("backend", ["eager", pytest.param("flex", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["hd", "xattn", "flex"])
+def test_attention_backends_give_the_same_logits_and_tokens(mode, backend):
+    """The decoder's fused attention through another backend (sequence rows, selecting rows, cross-attention,
+    decoding): the logits and greedy tokens are sdpa's (flex at inference: its CPU kernel has no backward
+    in this torch)."""
+    ids, mask, images = _prompts()
+    models = {name: _model(mode, attn_backend=name) for name in ("sdpa", backend)}
+    with torch.no_grad():
+        logits = {name: m(ids, mask, images, select_last=3).logits for name, m in models.items()}
+    tokens = {name: generate(m, ids, mask, images, max_new_tokens=4).tokens for name, m in models.items()}
+    torch.testing.assert_close(logits[backend], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    assert tokens[backend] == tokens["sdpa"]
+    for layer in models[backend].llm.layers:  # a FlexAttention layer's own attention (the family's) has it
+        assert getattr(layer.self_attn, "attention", layer.self_attn).backend is models[backend].attn_backend

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexvlm.attention import AttentionBackend, SdpaAttention
 from flexvlm.weights import raise_mismatches
 
 
@@ -194,6 +194,7 @@ class DecoderAttention(nn.Module):
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    backend: AttentionBackend = SdpaAttention()  # the kernel ``attend`` calls (FlexVLM's ``attn_backend``)
 
     def qkv(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, heads, N, d) with RoPE; keys with RoPE and values (B, kv_heads, keys, d) of the
@@ -215,9 +216,8 @@ class DecoderAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
         """Fused attention, no map materialised: queries (B, heads, R, d) over keys and values
         (B, kv_heads, keys, d), ``mask`` (B, 1, R, keys) bool (True: visible), float (added to the
-        scores; -inf: hidden) or None."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              enable_gqa=self.num_heads != self.num_kv_heads)
+        scores; -inf: hidden) or None; through the layer's ``backend``."""
+        return self.backend(q, k, v, mask, is_causal)[0]
 
     def row_scores(self, q_rows: Tensor, k: Tensor) -> Tensor:
         """Scaled scores of a few query rows against all keys: (B, heads, R, d) x (B, kv_heads, keys, d)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexvlm import sharding
+from flexvlm.attention import AttentionBackend, build_backend
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.models.decoder import KVCache, LanguageModel
 from flexvlm.models.encoder import DualPathEncoder, EncodedImages, VisualEncoder
@@ -126,6 +127,7 @@ class FlexVLM(nn.Module):
         margin_rule: str = "centre",
         encoder: VisualEncoder | None = None,
         reduction: TokenReduction | ImageTokenReduction | str | None = None,
+        attn_backend: str | AttentionBackend = "sdpa",
     ) -> None:
         """``backbone``: the vision tower of LLaVA-1.5's geometry, which ``zoom``, ``high_res_path``,
         ``high_res_grad`` and ``margin_rule`` complete (``DualPathEncoder``); or, instead of all of them,
@@ -150,7 +152,8 @@ class FlexVLM(nn.Module):
         ``centre``, or the authors' ``release``, which the released checkpoint's path uses).
         ``reduction`` (``hd`` only): a peer method that drops image tokens from the sequence between
         decoder layers (``flexvlm.reduction``: ``fastv``, ``pyramid_drop``), or reduces them before the
-        decoder (``visionzip``)."""
+        decoder (``visionzip``). ``attn_backend``: the fused attention kernel of every decoder layer
+        (``flexvlm.attention``: ``sdpa``, ``eager``, the reference, or ``flex``, torch's flex_attention)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
@@ -170,6 +173,9 @@ class FlexVLM(nn.Module):
         # a preset's decoder is built after the projector, so that a seed keeps giving the same weights
         self.llm = llm if family is None else family(self.config)
         self.llm.gradient_checkpointing = gradient_checkpointing
+        self.attn_backend = build_backend(attn_backend)
+        for layer in self.llm.layers:
+            layer.self_attn.backend = self.attn_backend
         num_layers = self.config.num_layers
         if num_sa_layers is None:
             num_sa_layers = 0 if mode == "xattn" else max(1, round(num_layers * 9 / 32))
