@@ -69,7 +69,7 @@ def build(variant: str, args: argparse.Namespace) -> FlexVLM:
         backbone, llm="tiny", mode=mode, num_sa_layers=num_sa, selection=strategy, high_res_grad=False,
         llm_overrides=dict(vocab_size=1000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                            num_layers=args.layers, num_heads=args.hidden // 64, max_position_embeddings=8192),
-        **options,
+        attn_backend=args.attn_backend, **options,
     )
     return model.to(args.device, getattr(torch, args.dtype))
 
@@ -234,7 +234,8 @@ def train_section(args: argparse.Namespace) -> dict:
 
 def _shared_args(args: argparse.Namespace) -> list[str]:
     return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--patch", str(args.patch),
-            "--prompt_tokens", str(args.prompt_tokens), "--device", args.device, "--dtype", args.dtype]
+            "--prompt_tokens", str(args.prompt_tokens), "--device", args.device, "--dtype", args.dtype,
+            "--attn_backend", args.attn_backend]
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -324,6 +325,7 @@ def main() -> None:
     parser.add_argument("--train_repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn_backend", default="sdpa", help="the decoder's attention kernel (flexvlm.attention)")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--train_child", nargs=3, metavar=("VARIANT", "ROWS", "MEASURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
