@@ -50,6 +50,12 @@ class SyntheticAuxLoss(nn.Module):
     ) -> torch.Tensor:
         """lr_tokens (B, N_lr, C), hr_tokens (B, N_hr, C) in the targets' row-major order;
         selection_maps: FA layer -> (B, R, g, g) LR attention of the selecting rows (VLMOutput)."""
+        classes = self.lr_colour.out_features
+        if bool((batch["aux_lr_colour"] >= classes).any()):  # else torch's bare "target out of bounds"
+            raise ValueError(f"the data's colour targets go up to {int(batch['aux_lr_colour'].max())}, the objective "
+                             f"has {classes} colour classes: set model.aux_objective.init_args.colour_classes to the "
+                             f"task's (the regions task's: flexvlm.data.regions.COLOUR_CLASSES, "
+                             f"experiments/regions/task.yaml)")
         loss = self.weight * (
             F.cross_entropy(self.lr_colour(lr_tokens).flatten(0, 1), batch["aux_lr_colour"].flatten())
             + F.cross_entropy(self.hr_colour(hr_tokens).flatten(0, 1), batch["aux_hr_colour"].flatten())

@@ -266,7 +266,7 @@ def test_non_square_views_hold_the_task_and_train_smolvlm():
     model = smolvlm("flex")
     data = RegionsVQADataModule(num_train=2, num_val=2, num_test=2, batch_size=2, image_size=None, patch_size=None)
     data.setup("fit")
-    data.fit_to_model(SequenceLimits(64, 512, 512), model.encoder.image_processor("flex"))
+    data.fit_to_model(SequenceLimits(64, 512, 512 - ANSWER_ROWS), model.encoder.image_processor("flex"))
     batch = next(iter(data.train_dataloader()))
     assert batch["aux_hr_colour"].shape == (2, 8 * 12) and batch["aux_lr_colour"].shape == (2, 16)
     out = model(batch["input_ids"], batch["attention_mask"], batch["images"], labels=batch["labels"])
@@ -280,6 +280,8 @@ def test_the_model_trains_on_its_batches_with_grounding_per_answer_token():
     model = FlexVLM(backbone, llm="tiny", llm_overrides=dict(hidden_size=32, intermediate_size=64), mode="flex",
                     num_sa_layers=1, selection=AttentionSelection(ratio=0.025), high_res_grad=True)
     data.setup("fit")
+    with pytest.raises(ValueError, match="set model.max_new_tokens to 4"):  # 3 digits and the end token
+        data.fit_to_model(sequence_limits(model, ANSWER_ROWS - 1))
     data.fit_to_model(sequence_limits(model, ANSWER_ROWS))
     batch = next(iter(data.train_dataloader()))
     assert batch["aux_query_cell"].shape == (8, ANSWER_ROWS)
@@ -294,6 +296,8 @@ def test_the_model_trains_on_its_batches_with_grounding_per_answer_token():
     loss = out.loss + aux(out.lr_features, out.hr_features, batch, out.selection_maps)
     loss.backward()
     assert torch.isfinite(loss) and backbone.patch_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="set model.aux_objective.init_args.colour_classes"):  # the tile task's 7
+        SyntheticAuxLoss(24)(out.lr_features, out.hr_features, batch)
 
 
 @pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex_attention_ratio"])

@@ -272,6 +272,15 @@ class RegionsVQADataModule(_GeneratedVQADataModule):
         super().__init__(regions.WORDS, sizes, seed, shuffle_seed, batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
 
+    def fit_to_model(self, limits: SequenceLimits, processor: ImageProcessor | None = None) -> None:
+        generated = limits.max_length - limits.max_prompt_length  # the model's max_new_tokens
+        if generated < regions.ANSWER_ROWS:
+            raise ValueError(f"the model generates at most {generated} tokens an answer (model.max_new_tokens), the "
+                             f"regions task's answers take {regions.ANSWER_ROWS} (up to {regions.MAX_READ} digits and "
+                             f"the end token): set model.max_new_tokens to {regions.ANSWER_ROWS} "
+                             "(experiments/regions/task.yaml does)")
+        super().fit_to_model(limits, processor)
+
     def dataset(self, split: str, geometry: dict) -> regions.RegionsVQA:
         h = self.hparams
         return regions.RegionsVQA(self.sizes[split], h.seed, split=split, num_colours=h.num_colours, mean=h.mean,
