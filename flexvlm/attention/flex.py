@@ -8,15 +8,26 @@ no dynamic-shape kernel is built (this torch's CPU one fails to compile once sha
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from flexvlm.attention.base import ATTENTION_BACKENDS, AttentionBackend, LseUnavailable
 
 BLOCK = 128  # flex_attention's default block size
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # built at the first call of a shape
+
+
+@functools.cache
+def _kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """flex_attention compiled for static shapes (a kernel built at the first call of a shape), and
+    create_block_mask; imported at the first call, since torch's compiler takes seconds to import, which
+    every process that never uses this backend would pay."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
 @ATTENTION_BACKENDS.register("flex")
@@ -46,8 +57,9 @@ class FlexAttentionBackend(AttentionBackend):
             def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
                 return score + bias[b, h, q_idx, kv_idx]
 
-        out = _compiled_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                       enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse)
+        flex_attention = _kernels()[0]
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                             return_lse=return_lse)
         if return_lse:
             out, lse = out
             return out[:, :, :rows], lse[:, :, :rows]
@@ -81,4 +93,4 @@ def _block_mask(seen: Tensor | None, is_causal: bool, keys: int, batch: int, row
         return allowed
 
     heads = seen.shape[1] if per_head else None
-    return create_block_mask(mask_mod, batch, heads, rows, padded_keys, device=device)
+    return _kernels()[1](mask_mod, batch, heads, rows, padded_keys, device=device)
