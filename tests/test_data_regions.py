@@ -159,9 +159,9 @@ def test_questions_answers_and_their_balance():
     for scene in scenes:
         by_colour = {t.colour: t for t in scene.tiles if t.colour != PLAIN}
         words = scene.question.split()
-        if scene.kind == "read":  # the colours' digits, in the order asked
+        if scene.kind == "read":  # each colour, then its digit, in the order asked
             assert len(set(words)) == len(words) and all(w in by_colour for w in words)
-            assert scene.answer == " ".join(str(by_colour[w].digit) for w in words)
+            assert scene.answer == " ".join(f"{w} {by_colour[w].digit}" for w in words)
             lengths[len(words)] += 1
         else:  # the plain tile beside the marker in that direction
             direction, colour = words
@@ -178,7 +178,7 @@ def test_questions_answers_and_their_balance():
             assert sum(t is not None and t.colour == PLAIN for t in ahead) >= 2
         assert scene.target_size == {frozenset({1}): "small", frozenset({LARGE}): "large"}.get(
             frozenset(t.size for t in scene.asked), "mixed")
-        digits.update(scene.answer.split())
+        digits.update(w for w in scene.answer.split() if w.isdigit())
     kinds = Counter(s.kind for s in scenes)
     assert 250 <= kinds["read"] <= 350, kinds  # expected 300
     assert all(70 <= n <= 135 for n in lengths.values()) and len(lengths) == 3, lengths  # 100 each
@@ -219,14 +219,17 @@ def test_grounding_targets_are_the_cells_each_answer_token_is_read_from():
         assert cells.shape == (ANSWER_ROWS,) and cells.dtype == torch.long
         answer = item["answer"].split()
         assert (cells[len(answer):] == IGNORE_INDEX).all()  # the end token's row and beyond
-        kinds = [CLASS_NAMES[c - 1] for c in item["aux_lr_colour"][cells[: len(answer)]].tolist()]
-        assert item["tags"]["regions"] == len(answer)
+        # the row predicting answer token r is grounded on the tile of a digit, on nothing for a colour word
+        digit_rows = [r for r, word in enumerate(answer) if word.isdigit()]
+        assert (cells[[r for r in range(len(answer)) if r not in digit_rows]] == IGNORE_INDEX).all()
+        kinds = [CLASS_NAMES[c - 1] for c in item["aux_lr_colour"][cells[digit_rows]].tolist()]
+        assert item["tags"]["regions"] == len(digit_rows)
         if item["tags"]["question_kind"] == "read":
-            assert kinds == item["question"].split()
+            assert kinds == item["question"].split() == [answer[r - 1] for r in digit_rows]
         else:
-            assert kinds == [PLAIN]
-        for cell, tile, digit in zip(cells[: len(answer)].tolist(), scene.asked, answer, strict=True):
-            assert cell == tile.row // ZOOM * LR_GRID + tile.col // ZOOM and str(tile.digit) == digit
+            assert kinds == [PLAIN] and digit_rows == [0]
+        for cell, tile, row in zip(cells[digit_rows].tolist(), scene.asked, digit_rows, strict=True):
+            assert cell == tile.row // ZOOM * LR_GRID + tile.col // ZOOM and str(tile.digit) == answer[row]
 
 
 def test_grounding_loss_per_answer_row_is_hand_computed():
@@ -280,7 +283,7 @@ def test_the_model_trains_on_its_batches_with_grounding_per_answer_token():
     model = FlexVLM(backbone, llm="tiny", llm_overrides=dict(hidden_size=32, intermediate_size=64), mode="flex",
                     num_sa_layers=1, selection=AttentionSelection(ratio=0.025), high_res_grad=True)
     data.setup("fit")
-    with pytest.raises(ValueError, match="set model.max_new_tokens to 4"):  # 3 digits and the end token
+    with pytest.raises(ValueError, match="set model.max_new_tokens to 7"):  # 3 colours, 3 digits, the end token
         data.fit_to_model(sequence_limits(model, ANSWER_ROWS - 1))
     data.fit_to_model(sequence_limits(model, ANSWER_ROWS))
     batch = next(iter(data.train_dataloader()))
@@ -309,4 +312,4 @@ def test_task_config_stacks_on_the_base_and_each_mode(mode, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: flexvlm.data.datamodule.RegionsVQADataModule" in printed
-    assert "image_size: 64" in printed and "max_new_tokens: 4" in printed and "colour_classes: 8" in printed
+    assert "image_size: 64" in printed and "max_new_tokens: 7" in printed and "colour_classes: 8" in printed

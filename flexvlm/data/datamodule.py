@@ -276,8 +276,8 @@ class RegionsVQADataModule(_GeneratedVQADataModule):
         generated = limits.max_length - limits.max_prompt_length  # the model's max_new_tokens
         if generated < regions.ANSWER_ROWS:
             raise ValueError(f"the model generates at most {generated} tokens an answer (model.max_new_tokens), the "
-                             f"regions task's answers take {regions.ANSWER_ROWS} (up to {regions.MAX_READ} digits and "
-                             f"the end token): set model.max_new_tokens to {regions.ANSWER_ROWS} "
+                             f"regions task's answers take {regions.ANSWER_ROWS} (up to {regions.MAX_READ} colour words, "
+                             f"as many digits and the end token): set model.max_new_tokens to {regions.ANSWER_ROWS} "
                              "(experiments/regions/task.yaml does)")
         super().fit_to_model(limits, processor)
 

@@ -14,8 +14,9 @@ tiles are and their colours, never their digits.
 
 Questions (``question_kind``):
 
-- ``read``: 1-3 colours, e.g. "red blue green"; the answer is their digits in the order asked,
-  "3 7 1", so a selection fixed before decoding must keep every one of those cells;
+- ``read``: 1-3 colours, e.g. "red blue green"; the answer names each colour and reads its digit,
+  in the order asked, "red 3 blue 7 green 1", so a selection fixed before decoding must keep every
+  one of those cells, while each digit is predicted at the colour word that names its tile;
 - ``relational``: a direction and a marker's colour, e.g. "right red"; the answer is the digit of
   the plain tile in the LR cell next to that marker in that direction. The other marker has a plain
   tile in the same direction and each marker one in another direction, so neither the colour nor the
@@ -62,7 +63,7 @@ COLOUR_CLASSES = len(CLASS_NAMES) + 1  # SyntheticAuxLoss(colour_classes=...) fo
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (row, col) steps
 WORDS = [*COLOUR_NAMES, *DIRECTIONS, *DIGITS]  # the WordTokenizer vocabulary of this task
 MAX_READ = 3  # colours a read question names at most
-ANSWER_ROWS = MAX_READ + 1  # the answer's digits and its end token: aux_query_cell's length
+ANSWER_ROWS = 2 * MAX_READ + 1  # a read answer's colour words, digits and end token: aux_query_cell's length
 MIN_COLOURS = MAX_READ
 EXTRA_PLAIN = (1, 3)  # plain tiles anywhere, beyond the markers' four
 MIN_LR_GRID = 4  # per side: room for the two markers, their plain tiles and the rest, whatever the draw
@@ -83,7 +84,11 @@ class RegionScene:
 
     @property
     def answer(self) -> str:
-        return " ".join(str(tile.digit) for tile in self.asked)
+        """A read answer names each tile before its digit ("red 3 blue 7"), so that every digit is
+        predicted at the word that names its tile, as in the tile task; a relational one is the digit."""
+        if self.kind == "relational":
+            return str(self.asked[0].digit)
+        return " ".join(f"{tile.colour} {tile.digit}" for tile in self.asked)
 
     @property
     def target_size(self) -> str:
@@ -185,10 +190,13 @@ def render_sample(
     return RegionScene(image, tuple(tiles), question, asked, kind)
 
 
-def query_cells(asked: Sequence[Tile], image_size: Size, patch_size: int, zoom: Size) -> torch.Tensor:
-    """(ANSWER_ROWS,) the LR cell each answer token is read from, IGNORE_INDEX for the end token and
-    the rows a shorter answer lacks: the grounding target of the rows that predict the answer."""
-    cells = [cell_index(tile, image_size, patch_size, zoom) for tile in asked]
+def query_cells(scene: RegionScene, image_size: Size, patch_size: int, zoom: Size) -> torch.Tensor:
+    """(ANSWER_ROWS,) the LR cell each answer token is read from, in the order of the rows that predict
+    them: IGNORE_INDEX for a read answer's colour words (copied from the question), its end token and
+    the rows a shorter answer lacks. The grounding target of the rows that predict the answer."""
+    cells = [cell_index(tile, image_size, patch_size, zoom) for tile in scene.asked]
+    if scene.kind == "read":
+        cells = [row for cell in cells for row in (IGNORE_INDEX, cell)]
     return torch.tensor(cells + [IGNORE_INDEX] * (ANSWER_ROWS - len(cells)))
 
 
@@ -226,5 +234,5 @@ class RegionsVQA(SceneDataset):
             # kept with each answer; ``regions``: how many tiles the answer is read from
             "tags": {"question_kind": scene.kind, "target_size": scene.target_size, "regions": len(scene.asked)},
             **token_targets(scene.tiles, *geometry, colour_names=CLASS_NAMES),
-            "aux_query_cell": query_cells(scene.asked, *geometry),
+            "aux_query_cell": query_cells(scene, *geometry),
         }
