@@ -65,27 +65,37 @@ class _Axes:
             self.draw.text((self.right + 32, y - 1), name, fill="black")
 
 
-def accuracy_flops_plot(rows: list[dict], title: str = "accuracy vs cost per sample", log_x: bool = False) -> Image.Image:
-    """A scatter of ``accuracy`` (with ``accuracy_std`` as an error bar) against ``mflops_per_sample``,
-    one colour per mode and selection strategy, each point labelled with its ``config``. ``log_x``:
-    a logarithmic cost axis, for costs that span orders of magnitude (several model sizes)."""
-    axes = _Axes([r["mflops_per_sample"] for r in rows], "MFLOPs per sample", title, log_x)
+COSTS = {  # a row's cost key -> its axis label
+    "mflops_per_sample": "MFLOPs per sample",
+    "prefill_ms": "measured ms per sample to the first token",
+    "decode_ms": "measured ms per sample per later token",
+}
+
+
+def accuracy_cost_plot(rows: list[dict], title: str = "accuracy vs cost per sample", log_x: bool = False,
+                        cost: str = "mflops_per_sample") -> Image.Image:
+    """A scatter of ``accuracy`` (with ``accuracy_std`` as an error bar) against a cost of each row
+    (``cost``, a key of ``COSTS``: FLOPs by default, or a measured time), one colour per mode and
+    selection strategy, each point labelled with its ``config``. ``log_x``: a logarithmic cost axis,
+    for costs that span orders of magnitude (several model sizes)."""
+    axes = _Axes([r[cost] for r in rows], COSTS[cost], title, log_x)
     kinds = sorted({r["mode"] if r["selection"] == "-" else f"{r['mode']} / {r['selection']}" for r in rows})
     colour = {kind: COLOURS[i % len(COLOURS)] for i, kind in enumerate(kinds)}
-    for i, row in enumerate(sorted(rows, key=lambda r: r["mflops_per_sample"])):
+    for i, row in enumerate(sorted(rows, key=lambda r: r[cost])):
         kind = row["mode"] if row["selection"] == "-" else f"{row['mode']} / {row['selection']}"
-        x, y = axes.point(row["mflops_per_sample"], row["accuracy"], row.get("accuracy_std") or 0.0, colour[kind])
+        x, y = axes.point(row[cost], row["accuracy"], row.get("accuracy_std") or 0.0, colour[kind])
         # labels of neighbours staggered up and down, so that points at one accuracy stay legible
         axes.draw.text((x + 7, y - 6 + 11 * (i % 3 - 1)), row["config"], fill=(60, 60, 60))
     axes.legend(kinds, colour)
     return axes.image
 
 
-def accuracy_budget_plot(series: dict[str, list[tuple[float, float, float]]],
-                         title: str = "accuracy vs budget", x_label: str = "share of the high-res tokens kept",
-                         log_x: bool = True) -> Image.Image:
-    """One line per method: ``series`` method -> (budget, accuracy, std) points, the paper's Figure-1
-    kind of picture; a logarithmic budget axis by default (budgets from 2.5 % to 40 %)."""
+def accuracy_lines_plot(series: dict[str, list[tuple[float, float, float]]],
+                        title: str = "accuracy vs budget", x_label: str = "share of the high-res tokens kept",
+                        log_x: bool = True) -> Image.Image:
+    """One line per method: ``series`` method -> (budget or cost, accuracy, std) points, the paper's
+    Figure-1 kind of picture (a method with one point is a dot); a logarithmic axis by default (budgets
+    from 2.5 % to 40 %, costs over orders of magnitude)."""
     axes = _Axes([b for points in series.values() for b, _, _ in points], x_label, title, log_x)
     colour = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(series)}
     for name, points in series.items():

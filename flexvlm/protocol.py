@@ -30,10 +30,13 @@ stage-2 run (hd's), under that mode's configs with its own file stacked last.
 
 The results go to ``<out>/runs.csv`` (one row a run), ``<out>/results.md`` (mean +- std over seeds,
 accuracy split by the answers' tags where a dataset gives them, e.g. the question kind, the schedule
-choice and the targets), ``<out>/accuracy_vs_flops.png`` (a point per study and mode) and, with
-budgets, ``<out>/accuracy_vs_budget.png`` (a line per study and budgeted mode). A tested row also
-has the FLOPs of a whole greedy generation per sample (first test batch, the weights tested; counted
-once, also for a run finished before) and the run's wall time (training and test, as a subprocess).
+choice and the targets), and pictures of a line per study and mode (a point per budget; a mode without
+budgets is a dot): ``<out>/accuracy_vs_budget.png``, ``accuracy_vs_flops.png``,
+``accuracy_vs_prefill_time.png`` and ``accuracy_vs_decode_time.png``. A tested row also has the
+cost of a whole greedy generation per sample on the first test batch with the weights tested (counted
+once, also for a run finished before): its FLOPs, and its measured time to the first token and per
+later token (``flexvlm.timing``; every run generates ``max_new_tokens``, each in its own process, so
+read the times as the methods' order on this machine), and the run's wall time (training and test).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pathlib import Path
 
 import yaml
 
-from flexvlm.plots import accuracy_budget_plot, accuracy_flops_plot
+from flexvlm.plots import COSTS, accuracy_lines_plot
 from flexvlm.runs import config_contents, not_reusable, reuse_or_train, run_command, written
 from flexvlm.sweep import build_quietly, trained_cost
 
@@ -290,7 +293,7 @@ class Runner:
         self._reuse_or_train(folder, _record(configs, seed, extra, init), f"[protocol] {study.name} {name} seed {seed}",
                              train)
         if test:
-            self._count_flops(done, configs, folder, seed, [*p.candidates[schedule], *settings],
+            self._count_cost(done, configs, folder, seed, [*p.candidates[schedule], *settings],
                               folder / "checkpoints" / "last.ckpt")
         return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
                 **json.loads(done.read_text())}
@@ -312,18 +315,20 @@ class Runner:
 
         self._reuse_or_train(folder, _record(configs, seed, list(settings), source),
                              f"[protocol] {study.name} {name} seed {seed} (tested from {trained})", test)
-        self._count_flops(done, configs, folder, seed, list(settings), source)
+        self._count_cost(done, configs, folder, seed, list(settings), source)
         return {"study": study.name, "config": name, "seed": seed, "schedule": schedule,
                 **json.loads(done.read_text())}
 
     @staticmethod
-    def _count_flops(done: Path, configs: list[str], folder: Path, seed: int, extra: list[str],
-                     checkpoint: Path) -> None:
-        """The FLOPs of a generation per sample, once per run (also for a run finished before)."""
+    def _count_cost(done: Path, configs: list[str], folder: Path, seed: int, extra: list[str],
+                    checkpoint: Path) -> None:
+        """The FLOPs and measured time of a generation per sample (``COSTS``), once per run (also for a
+        run finished before)."""
         result = json.loads(done.read_text())
-        if "mflops_per_sample" not in result:
+        if any(key not in result for key in COSTS):
             cli = build_quietly(_cli_args(configs, folder, seed, extra))
-            result["mflops_per_sample"] = trained_cost(cli, checkpoint)["mflops_per_sample"]
+            cost = trained_cost(cli, checkpoint)
+            result.update({key: cost[key] for key in COSTS})
             done.write_text(json.dumps(result))
 
     def choose_schedule(self) -> tuple[str, list[dict]]:
@@ -365,26 +370,27 @@ class Runner:
 
     def write(self, report: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        columns = ["study", "config", "seed", "schedule", "accuracy", "hr_fraction", "mflops_per_sample",
-                   "val_accuracy", "wall_s"]
+        columns = ["study", "config", "seed", "schedule", "accuracy", "hr_fraction", *COSTS, "val_accuracy", "wall_s"]
         with open(self.out / "runs.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(report["schedule_rows"] + report["rows"])
         (self.out / "results.md").write_text(markdown(report, self.protocol))
-        points = [{"config": study, "mode": config, "selection": "-", **s}
-                  for (study, config), s in report["summary"].items() if s["mflops_per_sample"] is not None]
-        if points:
-            accuracy_flops_plot(points, "test accuracy vs FLOPs per sample (mean +- std over seeds)",
-                                log_x=True).save(self.out / "accuracy_vs_flops.png")
-        series: dict[str, list[tuple[float, float, float]]] = {}
-        for (study, config), s in report["summary"].items():
-            if "@" in config:  # a budgeted run, mode@budget
-                mode, budget = config.rsplit("@", 1)
-                series.setdefault(f"{study}: {mode}", []).append((float(budget), s["accuracy"], s["accuracy_std"]))
-        if series:
-            accuracy_budget_plot(series, "test accuracy vs budget (mean +- std over seeds)").save(
-                self.out / "accuracy_vs_budget.png")
+        # one line per method (a point per budget) against the budget, the FLOPs and the measured times
+        axes = {"budget": ("accuracy_vs_budget.png", "share of the high-res tokens kept"),
+                "mflops_per_sample": ("accuracy_vs_flops.png", COSTS["mflops_per_sample"]),
+                "prefill_ms": ("accuracy_vs_prefill_time.png", COSTS["prefill_ms"]),
+                "decode_ms": ("accuracy_vs_decode_time.png", COSTS["decode_ms"])}
+        for axis, (picture, label) in axes.items():
+            series: dict[str, list[tuple[float, float, float]]] = {}
+            for (study, config), s in report["summary"].items():
+                mode, _, budget = config.partition("@")  # a budgeted run is mode@budget
+                x = (float(budget) if budget else None) if axis == "budget" else s[axis]
+                if x is not None:
+                    series.setdefault(f"{study}: {mode}", []).append((x, s["accuracy"], s["accuracy_std"]))
+            if series:
+                accuracy_lines_plot(series, f"test accuracy vs {label} (mean +- std over seeds)", x_label=label).save(
+                    self.out / picture)
         print((self.out / "results.md").read_text(), flush=True)
 
 
@@ -397,12 +403,12 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
     for key, group in groups.items():
         acc = [r["accuracy"] for r in group]
         hr = [r["hr_fraction"] for r in group if r["hr_fraction"] is not None]
-        flops = [r["mflops_per_sample"] for r in group if r.get("mflops_per_sample") is not None]
+        costs = {key: [r[key] for r in group if r.get(key) is not None] for key in COSTS}
         tags = sorted({tag for r in group for tag in r.get("by_tag", {})})
         summary[key] = {
             "accuracy": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "hr_fraction": statistics.mean(hr) if hr else None, "seeds": len(group),
-            "mflops_per_sample": statistics.mean(flops) if flops else None,
+            **{key: statistics.mean(values) if values else None for key, values in costs.items()},
             "wall_s": statistics.mean(r["wall_s"] for r in group),
             "by_tag": {tag: statistics.mean(r["by_tag"][tag] for r in group if tag in r.get("by_tag", {}))
                        for tag in tags},
@@ -478,12 +484,13 @@ def markdown(report: dict, protocol: Protocol) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {statistics.mean(vals):.3f} |")
         lines.append("")
     lines += [f"Test accuracy, mean +- std over seeds {seeds}:", "",
-              "| study | config | accuracy | HR fraction | MFLOPs / sample | wall s | seeds |",
-              "|---|---|---|---|---|---|---|"]
+              "| study | config | accuracy | HR fraction | MFLOPs / sample | ms / sample to the first token "
+              "| ms / sample a later token | wall s | seeds |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for (study, config), s in report["summary"].items():
         hr = "-" if s["hr_fraction"] is None else f"{s['hr_fraction']:.3f}"
-        flops = "-" if s["mflops_per_sample"] is None else f"{s['mflops_per_sample']:.2f}"
-        lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {flops} "
+        costs = " | ".join("-" if s[key] is None else f"{s[key]:.2f}" for key in COSTS)
+        lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {costs} "
                      f"| {s['wall_s']:.0f} | {s['seeds']} |")
     tags = sorted({tag for s in report["summary"].values() for tag in s["by_tag"]})
     if tags:

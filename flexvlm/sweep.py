@@ -58,9 +58,10 @@ from jsonargparse import Namespace
 from flexvlm.cli import FlexVLMCLI, build
 from flexvlm.flops import generation_flops
 from flexvlm.lit_module import fit_data_to_model
-from flexvlm.plots import accuracy_flops_plot
+from flexvlm.plots import accuracy_cost_plot
 from flexvlm.run_files import read_run_checkpoint
 from flexvlm.runs import config_contents, reuse_or_train, run_command, written
+from flexvlm.timing import generation_latency
 
 VERSION = "sweep"  # the version folder of a run without grid point or seed; evaluation entries name it
 SUMMARY_COLUMNS = ["config", "mode", "selection", "accuracy", "accuracy_std", "seeds", "hr_fraction",
@@ -284,8 +285,9 @@ def build_quietly(cli_args: list[str], cli_class: type[FlexVLMCLI] = FlexVLMCLI)
 
 def trained_cost(cli: Any, checkpoint: Path) -> dict:
     """What a trained run costs: the FLOPs of a whole greedy generation per sample on the first test
-    batch, with the checkpoint's weights (attention selection depends on them); its mode, selection
-    strategy and training steps."""
+    batch, with the checkpoint's weights (attention selection depends on them), and its measured time
+    per sample (``flexvlm.timing.generation_latency``: to the first token, and per later token, every
+    run generating the model's ``max_new_tokens``); its mode, selection strategy and training steps."""
     state = read_run_checkpoint(checkpoint)
     cli.model.load_state_dict(state["state_dict"])
     model = cli.model.model.eval()
@@ -293,8 +295,10 @@ def trained_cost(cli: Any, checkpoint: Path) -> dict:
     fit_data_to_model(cli.datamodule, model, cli.model.hparams.max_new_tokens)
     batch = next(iter(cli.datamodule.test_dataloader()))
     flops = generation_flops(model, batch, cli.model.hparams.max_new_tokens, cli.datamodule.tokenizer.eos_id)
+    latency = generation_latency(model, batch, cli.model.hparams.max_new_tokens)
     selection = type(model.selection).__name__ if model.selection is not None else "-"
     return {"mode": model.mode, "selection": selection, "mflops_per_sample": round(flops / 1e6, 2),
+            **{key: None if ms is None else round(ms, 3) for key, ms in latency.items()},
             "train_steps": state["global_step"]}
 
 
@@ -336,7 +340,7 @@ def write_tables(rows: list[dict], out: Path) -> list[dict]:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if summary:
-        accuracy_flops_plot(summary).save(out / "accuracy_vs_flops.png")
+        accuracy_cost_plot(summary).save(out / "accuracy_vs_flops.png")
     return summary
 
 

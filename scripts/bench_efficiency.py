@@ -39,11 +39,11 @@ import torch
 
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from flexvlm.flops import generation_flops, paper_scale_table
-from flexvlm.models.generation import generation_steps
 from flexvlm.models.llm import KVCache
 from flexvlm.models.vision import TimmBackbone
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.selection import AttentionSelection, CenterSelection
+from flexvlm.timing import generation_seconds
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 63)  # generation lengths reported (63: MagnifierBench's limit)
 # variant -> (mode, selection, FlexVLM options)
@@ -99,18 +99,6 @@ def median(values: list[float]) -> float:
 
 # -- decoding ------------------------------------------------------------------------------------
 @torch.no_grad()
-def step_times(model: FlexVLM, batch: dict, args: argparse.Namespace, new_tokens: int, kv: str = "lazy") -> list[float]:
-    """Cumulative seconds from the start (vision included) to each generated token."""
-    sync(args)
-    start, times = time.perf_counter(), []
-    for _ in generation_steps(model, batch["prompt_ids"], batch["prompt_mask"], batch["images"],
-                              max_new_tokens=new_tokens, high_res_kv=kv):
-        sync(args)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-@torch.no_grad()
 def prefill_seconds(model: FlexVLM, batch: dict, args: argparse.Namespace) -> float:
     """The decoder's prefill alone (vision and splicing done beforehand)."""
     inputs = model.prepare(batch["prompt_ids"], batch["prompt_mask"], batch["images"])
@@ -132,16 +120,16 @@ def decode_section(args: argparse.Namespace) -> dict:
     prefill: dict[str, list[float]] = {name: [] for name in names}
     batch_steps: dict[str, dict[int, list[float]]] = {f"{n}/{kv}": {1: [], 8: []} for n, kv in batched}
     for name in names:  # warm-up
-        step_times(models[name], one[name], args, 2)
+        generation_seconds(models[name], one[name], 2)
     for rep in range(args.repeats):
         print(f"decode: repeat {rep + 1}/{args.repeats}", flush=True)
         for name, kv in runs:
-            curves[f"{name}/{kv}"].append(step_times(models[name], one[name], args, LENGTHS[-1], kv))
+            curves[f"{name}/{kv}"].append(generation_seconds(models[name], one[name], LENGTHS[-1], kv))
         for name in names:
             prefill[name].append(prefill_seconds(models[name], one[name], args))
         for name, kv in batched:
             for size, batch in ((1, one[name]), (8, eight[name])):
-                batch_steps[f"{name}/{kv}"][size].append(_per_step(step_times(models[name], batch, args, 24, kv)))
+                batch_steps[f"{name}/{kv}"][size].append(_per_step(generation_seconds(models[name], batch, 24, kv)))
     curve = {key: [median([c[t - 1] for c in runs_]) for t in range(1, LENGTHS[-1] + 1)] for key, runs_ in curves.items()}
     step = {key: median([_per_step(c) for c in runs_]) for key, runs_ in curves.items()}
     flops = {name: generation_flops(models[name], one[name], 8, None) for name in ("lr_only", "hd", "xattn", "flex")}

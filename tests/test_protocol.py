@@ -75,7 +75,11 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert flex["hr_fraction"] == pytest.approx(0.15) and flex["seeds"] == 3
     assert flex["wall_s"] == pytest.approx(20) and flex["mflops_per_sample"] == pytest.approx(3.0)
     assert summary[("main", "hd")] == {"accuracy": 1.0, "accuracy_std": 0.0, "hr_fraction": None, "seeds": 1,
-                                       "mflops_per_sample": None, "wall_s": 10, "by_tag": {}}
+                                       "mflops_per_sample": None, "prefill_ms": None, "decode_ms": None,
+                                       "wall_s": 10, "by_tag": {}}
+    timed = [{**_row("flex", seed, 0.5), "prefill_ms": ms, "decode_ms": ms / 10} for seed, ms in enumerate((2.0, 4.0))]
+    assert summarise(timed)[("main", "flex")]["prefill_ms"] == pytest.approx(3.0)
+    assert summarise(timed)[("main", "flex")]["decode_ms"] == pytest.approx(0.3)
     tagged = [{**_row("flex", 0, 0.5), "by_tag": {"kind=read": 0.4, "kind=relational": 0.6}},
               {**_row("flex", 1, 0.7), "by_tag": {"kind=read": 0.8}}]
     assert summarise(tagged)[("main", "flex")]["by_tag"] == pytest.approx({"kind=read": 0.6, "kind=relational": 0.6})
@@ -160,12 +164,13 @@ def test_a_miniature_protocol_runs_both_stages_from_one_stage1_model(tmp_path):
     flex = json.loads((runs / "flex_attention_ratio" / "seed0" / "metrics.json").read_text())["test/accuracy"]
     assert report["summary"][("main", "flex_attention_ratio")]["accuracy"] == pytest.approx(flex)
     assert "| main | fastv |" in (tmp_path / "out" / "results.md").read_text()
-    # FLOPs of a generation per sample, counted once per tested run and kept with its result
+    # FLOPs and measured time of a generation per sample, counted once per tested run and kept with its result
     for config in ("hd", "flex_attention_ratio", "fastv"):
         done = json.loads((runs / config / "seed0" / "done.json").read_text())
-        assert done["mflops_per_sample"] > 0
+        assert done["mflops_per_sample"] > 0 and done["prefill_ms"] > 0 and done["decode_ms"] > 0
     assert all(float(r["mflops_per_sample"]) > 0 for r in rows if r["accuracy"] and r["config"] != "stage1")
-    assert Image.open(tmp_path / "out" / "accuracy_vs_flops.png").size == (720, 480)
+    for picture in ("accuracy_vs_flops.png", "accuracy_vs_prefill_time.png", "accuracy_vs_decode_time.png"):
+        assert Image.open(tmp_path / "out" / picture).size == (720, 480)
     # a second call reuses every finished run
     assert Runner(Protocol.load(tmp_path / "protocol.yaml"), tmp_path / "out").run()["rows"] == report["rows"]
 
@@ -225,7 +230,7 @@ def test_budgets_and_training_free_evaluations_run_as_the_study_says(tmp_path, m
         return 1.0
 
     monkeypatch.setattr(protocol_module, "_launch", fake_launch)
-    monkeypatch.setattr(Runner, "_count_flops", staticmethod(lambda *args: None))
+    monkeypatch.setattr(Runner, "_count_cost", staticmethod(lambda *args: None))
     raw = yaml.safe_load((SYNTHETIC / "protocol" / "protocol.yaml").read_text())
     raw = {k: str(ROOT / v) if k in ("base", "experiments", "stage1", "stage2") else v for k, v in raw.items()}
     raw.pop("targets")
