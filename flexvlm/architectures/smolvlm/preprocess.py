@@ -150,7 +150,7 @@ class ImageBatch:
 
 def split_image(image: ImageLike, processing: SmolVLMProcessing) -> SplitImage:
     """An image (PIL, or a (3, H, W) uint8 tensor) as its normalised views and their layout."""
-    pixels = _rgb_uint8(image)
+    pixels = rgb_uint8(image)
     original_size = (pixels.shape[-2], pixels.shape[-1])
     tile = processing.tile_size
     pixels = _resize(pixels, _fit_longest_edge(*original_size, processing.longest_edge), processing)
@@ -167,7 +167,7 @@ def split_image(image: ImageLike, processing: SmolVLMProcessing) -> SplitImage:
             tiles = tiles.permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
             views = torch.cat([tiles, _resize(pixels, (tile, tile), processing)[None]])
     resized_size = (rows * tile, cols * tile) if rows else (tile, tile)
-    return SplitImage(_normalize(views, processing), ImageLayout(rows, cols, tile, original_size, resized_size))
+    return SplitImage(normalize_pixels(views, processing), ImageLayout(rows, cols, tile, original_size, resized_size))
 
 
 def batch_images(samples: Sequence[ImageLike | Sequence[ImageLike]], processing: SmolVLMProcessing) -> ImageBatch:
@@ -249,7 +249,7 @@ def _tokenizer_token_spellings(folder: Path) -> dict[str, str]:
     return {name: v["content"] if isinstance(v, dict) else v for name in names if (v := config.get(name))}
 
 
-def _rgb_uint8(image: ImageLike) -> Tensor:
+def rgb_uint8(image: ImageLike) -> Tensor:
     """(3, H, W) uint8 on the CPU. PIL transparency is composited onto white, as transformers does."""
     if isinstance(image, Image.Image):
         if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -299,7 +299,7 @@ def _round_up_to_tiles(height: int, width: int, tile: int) -> tuple[int, int]:
     return height, width
 
 
-def _normalize(views: Tensor, processing: SmolVLMProcessing) -> Tensor:
+def normalize_pixels(views: Tensor, processing: SmolVLMProcessing) -> Tensor:
     # transformers folds the rescale into mean and std (in float32); the same arithmetic keeps every bit
     mean = torch.tensor(processing.image_mean, dtype=torch.float32) * (1.0 / processing.rescale_factor)
     std = torch.tensor(processing.image_std, dtype=torch.float32) * (1.0 / processing.rescale_factor)
