@@ -17,8 +17,11 @@ width 512. Sections:
 - train: one forward + backward at batch 2 with 64 and 256 answer rows, after a warm-up step:
   time, and peak memory (each in a fresh process; CPU: the peak RSS above the RSS before the step,
   glibc's mmap threshold fixed so that freed tensors leave the RSS; CUDA: peak allocated). Variants:
-  lr_only, xattn, flex (fused) and flex computed as the authors' training does
-  (``flex_impl="release"``: every row scores every high-res key through a mask).
+  lr_only, xattn, flex (fused), flex whose rows agree on a part of the image as a trained model's do
+  (``flex_concentrated``: each row's best blocks among the ``--concentrated_union`` share of them that
+  the rows rank highest; a random model's rows each look elsewhere, a union of nearly every block),
+  and flex computed as the authors' training does (``flex_impl="release"``: every row scores every
+  high-res key through a mask).
 - flops: ``flexvlm.flops.paper_scale_table`` at LLaVA-1.5-7B shapes.
 
 Times are medians over interleaved repeats; what carries over between machines are the ratios.
@@ -43,6 +46,7 @@ from flexvlm.models.llm import KVCache
 from flexvlm.models.vision import TimmBackbone
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.selection import AttentionSelection, CenterSelection
+from flexvlm.selection.base import Budget, SelectionContext
 from flexvlm.timing import generation_seconds
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 63)  # generation lengths reported (63: MagnifierBench's limit)
@@ -54,7 +58,28 @@ VARIANTS = {
     "flex": ("flex", "attention", {}),
     "flex_center": ("flex", "center", {}),
     "flex_release": ("flex", "attention", {"flex_impl": "release"}),
+    "flex_concentrated": ("flex", "concentrated", {}),
 }
+# the union of the answer rows' selections of a trained regions-task flex model at a 10 % budget
+# (scripts/selection_union.py, docs/benchmarks.md): the share flex_concentrated's rows agree on
+TRAINED_UNION = 0.165
+
+
+class ConcentratedSelection(AttentionSelection):
+    """Each row's best blocks by its own map, among the ``union`` share of the blocks that the sample's
+    rows rank highest on average: rows that agree, as a trained model's do, where a random model's
+    answer rows each look elsewhere (a union of nearly every block)."""
+
+    def __init__(self, union: float, ratio: float, block_grid: int) -> None:
+        super().__init__(ratio=ratio, block_grid=block_grid)
+        self.pool = Budget(ratio=union)
+
+    def select_blocks(self, attn_map: torch.Tensor, block_valid: torch.Tensor, ctx: SelectionContext) -> torch.Tensor:
+        b, r, h, w = attn_map.shape
+        pooled = torch.nn.functional.adaptive_max_pool2d((attn_map * ctx.lr_valid.unsqueeze(1)).view(b * r, h, w),
+                                                         block_valid.shape[-2:]).view(b, r, *block_valid.shape[-2:])
+        shared = self.pool.keep_best(pooled.mean(1, keepdim=True), block_valid, ctx)
+        return self.budget.keep_best(pooled.masked_fill(~shared, float("-inf")), block_valid, ctx)
 
 
 def build(variant: str, args: argparse.Namespace) -> FlexVLM:
@@ -63,7 +88,8 @@ def build(variant: str, args: argparse.Namespace) -> FlexVLM:
     backbone = TimmBackbone("vit_tiny_patch16_224", model_kwargs=dict(
         img_size=args.patch * 24, patch_size=args.patch, depth=2, embed_dim=192, num_heads=3))
     strategy = {None: None, "center": CenterSelection(ratio=0.1, block_grid=9),
-                "attention": AttentionSelection(ratio=0.1, block_grid=9)}[selection]
+                "attention": AttentionSelection(ratio=0.1, block_grid=9),
+                "concentrated": ConcentratedSelection(args.concentrated_union, ratio=0.1, block_grid=9)}[selection]
     num_sa = {"flex": round(args.layers * 9 / 32), "xattn": 0}.get(mode)
     model = FlexVLM(
         backbone, llm="tiny", mode=mode, num_sa_layers=num_sa, selection=strategy, high_res_grad=False,
@@ -201,7 +227,7 @@ def _peak_rss() -> int:
 
 
 def train_section(args: argparse.Namespace) -> dict:
-    names = ["lr_only", "xattn", "flex", "flex_release"]
+    names = ["lr_only", "xattn", "flex", "flex_concentrated", "flex_release"]
     results: dict[str, dict[int, list[dict]]] = {n: {r: [] for r in args.answer_rows} for n in names}
     # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, where they would hide
     # one variant's peak behind the last one's leftovers; a fixed threshold returns them
@@ -223,7 +249,7 @@ def train_section(args: argparse.Namespace) -> dict:
 def _shared_args(args: argparse.Namespace) -> list[str]:
     return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--patch", str(args.patch),
             "--prompt_tokens", str(args.prompt_tokens), "--device", args.device, "--dtype", args.dtype,
-            "--attn_backend", args.attn_backend]
+            "--attn_backend", args.attn_backend, "--concentrated_union", str(args.concentrated_union)]
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -234,24 +260,31 @@ def goals(result: dict) -> list[tuple[str, float, float, bool]]:
     def check(name: str, value: float, bound: float) -> None:
         checks.append((name, value, bound, value <= bound))
 
-    if "decode" in result:
+    if "decode" in result:  # issue 22's CPU targets (width 512), then the earlier ones it did not tighten
         d = result["decode"]
         step, gen = d["decode_step_s"], d["generation_curve_s"]
-        check("decode step, selection staying put (center): flex / lr_only", step["flex_center/lazy"] / step["lr_only/lazy"], 1.3)
-        check("decoder prefill: flex / xattn", d["prefill_s"]["flex"] / d["prefill_s"]["xattn"], 0.4)
-        check("generation of 8 tokens: flex (lazy K/V) / xattn", gen["flex/lazy"][7] / gen["xattn/lazy"][7], 0.5)
+        check("decode step, selection staying put (center): flex / lr_only", step["flex_center/lazy"] / step["lr_only/lazy"], 1.15)
+        check("decode step, wandering selection (attention): flex / lr_only", step["flex/lazy"] / step["lr_only/lazy"], 1.5)
+        check("decoder prefill: flex / xattn", d["prefill_s"]["flex"] / d["prefill_s"]["xattn"], 0.35)
+        check("generation of 8 tokens: flex (lazy K/V) / xattn", gen["flex/lazy"][7] / gen["xattn/lazy"][7], 0.45)
         worst = max(gen["flex/lazy"][t] / gen["xattn/lazy"][t] for t in range(LENGTHS[-1]))
         check("generation of 1..63 tokens: max flex (lazy) / xattn", worst, 1.0)
         check("generation of 63 tokens: flex (lazy) / hd", gen["flex/lazy"][-1] / gen["hd/lazy"][-1], 0.2)
         for key, sizes in d["batch_step_s"].items():
             if key.startswith("flex"):
-                check(f"decode step, batch 8 / 8 x batch 1 ({key} K/V)", sizes[8] / (8 * sizes[1]), 0.35)
+                bound = 0.4 if key == "flex/lazy" else 0.35  # attention selection: issue 22's; the others: earlier
+                check(f"decode step, batch 8 / 8 x batch 1 ({key} K/V)", sizes[8] / (8 * sizes[1]), bound)
     if "train" in result:
         t = result["train"]
         for rows in t["flex"]:
             flex, xattn, release = t["flex"][rows], t["xattn"][rows], t["flex_release"][rows]
-            check(f"training step, {rows} rows: time flex / xattn", flex["seconds"] / xattn["seconds"], 0.8)
-            check(f"training step, {rows} rows: peak memory flex / xattn", flex["peak_bytes"] / xattn["peak_bytes"], 1.0)
+            tight = int(rows) >= 256  # issue 22's targets are at 256 answer rows
+            check(f"training step, {rows} rows: time flex / xattn", flex["seconds"] / xattn["seconds"], 0.45 if tight else 0.8)
+            check(f"training step, {rows} rows: peak memory flex / xattn", flex["peak_bytes"] / xattn["peak_bytes"],
+                  0.65 if tight else 1.0)
+            if "flex_concentrated" in t:
+                check(f"training step, {rows} rows: peak memory flex with a concentrated union / xattn",
+                      t["flex_concentrated"][rows]["peak_bytes"] / xattn["peak_bytes"], 0.5 if tight else 1.0)
             check(f"training step, {rows} rows: time xattn / release-style flex", xattn["seconds"] / release["seconds"], 1.0)
             check(f"training step, {rows} rows: memory xattn / release-style flex", xattn["peak_bytes"] / release["peak_bytes"], 1.0)
     if "flops" in result:
@@ -314,6 +347,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn_backend", default="sdpa", help="the decoder's attention kernel (flexvlm.attention)")
+    parser.add_argument("--concentrated_union", type=float, default=TRAINED_UNION,
+                        help="flex_concentrated: the share of the blocks its rows select from together")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--train_child", nargs=3, metavar=("VARIANT", "ROWS", "MEASURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
