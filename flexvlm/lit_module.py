@@ -281,6 +281,9 @@ class FlexVLMModule(L.LightningModule):
         if protocol is not None:
             self.protocol = protocol  # a submodule from here on, so the strategy moves its metric
         fit_data_to_model(datamodule, self.model, self.hparams.max_new_tokens)
+        fit_objective = getattr(self.aux_objective, "fit_to_data", None)  # an objective's checks of the task
+        if fit_objective is not None:
+            fit_objective(datamodule)
         # the logger's folder, asked here where every process is (a broadcast from process 0 in DDP)
         folder = self._folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if stage == "fit":

@@ -41,6 +41,15 @@ class SyntheticAuxLoss(nn.Module):
         """Whether the model's selecting maps must keep their gradient (FlexVLMModule asks)."""
         return self.grounding_weight > 0
 
+    def fit_to_data(self, datamodule: object) -> None:
+        """A clear error, once at set-up (FlexVLMModule calls it), for a task with more colour classes than
+        the objective has (else torch's bare "target out of bounds" at the first step)."""
+        classes, ours = getattr(datamodule, "colour_classes", None), self.lr_colour.out_features
+        if classes is not None and classes > ours:
+            raise ValueError(f"the data has {classes} colour classes, the objective {ours}: set "
+                             f"model.aux_objective.init_args.colour_classes to the task's (the regions task's: "
+                             f"flexvlm.data.regions.COLOUR_CLASSES, experiments/regions/task.yaml)")
+
     def forward(
         self,
         lr_tokens: torch.Tensor,
@@ -50,12 +59,6 @@ class SyntheticAuxLoss(nn.Module):
     ) -> torch.Tensor:
         """lr_tokens (B, N_lr, C), hr_tokens (B, N_hr, C) in the targets' row-major order;
         selection_maps: FA layer -> (B, R, g, g) LR attention of the selecting rows (VLMOutput)."""
-        classes = self.lr_colour.out_features
-        if bool((batch["aux_lr_colour"] >= classes).any()):  # else torch's bare "target out of bounds"
-            raise ValueError(f"the data's colour targets go up to {int(batch['aux_lr_colour'].max())}, the objective "
-                             f"has {classes} colour classes: set model.aux_objective.init_args.colour_classes to the "
-                             f"task's (the regions task's: flexvlm.data.regions.COLOUR_CLASSES, "
-                             f"experiments/regions/task.yaml)")
         loss = self.weight * (
             F.cross_entropy(self.lr_colour(lr_tokens).flatten(0, 1), batch["aux_lr_colour"].flatten())
             + F.cross_entropy(self.hr_colour(hr_tokens).flatten(0, 1), batch["aux_hr_colour"].flatten())

@@ -492,6 +492,10 @@ def markdown(report: dict, protocol: Protocol) -> str:
         costs = " | ".join("-" if s[key] is None else f"{s[key]:.2f}" for key in COSTS)
         lines.append(f"| {study} | {config} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {hr} | {costs} "
                      f"| {s['wall_s']:.0f} | {s['seeds']} |")
+    lines += ["", "HR fraction: for flex and xattn, the share of the image's high-res tokens a selecting row attends "
+              "to, mean over the layers that select (N_FA); for a reduction of hd (FastV, PyramidDrop, SparseVLM, "
+              "VisionZip), the share of its image tokens a layer keeps, mean over every decoder layer (those before "
+              "the first drop see all). They are budgets of different things; the FLOPs and times compare the costs."]
     tags = sorted({tag for s in report["summary"].values() for tag in s["by_tag"]})
     if tags:
         lines += ["", "Test accuracy by the answers' tags (mean over seeds):", "",

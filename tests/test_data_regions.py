@@ -15,7 +15,7 @@ from test_data_synthetic import _low_res, _pixels, _probe_accuracy
 from flexvlm.cli import main
 from flexvlm.constants import IGNORE_INDEX
 from flexvlm.data.collate import SequenceLimits
-from flexvlm.data.datamodule import RegionsVQADataModule
+from flexvlm.data.datamodule import RegionsVQADataModule, SyntheticVQADataModule
 from flexvlm.data.regions import (
     ANSWER_ROWS,
     CLASS_NAMES,
@@ -299,8 +299,10 @@ def test_the_model_trains_on_its_batches_with_grounding_per_answer_token():
     loss = out.loss + aux(out.lr_features, out.hr_features, batch, out.selection_maps)
     loss.backward()
     assert torch.isfinite(loss) and backbone.patch_embed.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="set model.aux_objective.init_args.colour_classes"):  # the tile task's 7
-        SyntheticAuxLoss(24)(out.lr_features, out.hr_features, batch)
+    with pytest.raises(ValueError, match="the data has 8 colour classes, the objective 5: set model.aux_objective"):
+        SyntheticAuxLoss(24).fit_to_data(data)  # the tile task's 5
+    aux.fit_to_data(data)
+    SyntheticAuxLoss(24).fit_to_data(SyntheticVQADataModule())
 
 
 @pytest.mark.parametrize("mode", ["lr_only", "hd", "xattn", "flex_attention_ratio"])
@@ -313,3 +315,12 @@ def test_task_config_stacks_on_the_base_and_each_mode(mode, capsys):
     printed = capsys.readouterr().out
     assert "class_path: flexvlm.data.datamodule.RegionsVQADataModule" in printed
     assert "image_size: 64" in printed and "max_new_tokens: 7" in printed and "colour_classes: 8" in printed
+
+
+def test_a_fit_with_too_few_colour_classes_stops_at_set_up_with_the_setting_to_change(tmp_path):
+    with pytest.raises(ValueError, match="the data has 8 colour classes, the objective 7"):
+        main(["fit", "--config", str(ROOT / "configs" / "synthetic.yaml"),
+              "--config", str(ROOT / "experiments" / "regions" / "task.yaml"),
+              "--model.aux_objective.init_args.colour_classes", "7", "--trainer.max_steps", "1",
+              "--data.init_args.num_train", "4", "--data.init_args.num_val", "2", "--data.init_args.num_test", "2",
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])

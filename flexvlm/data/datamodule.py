@@ -20,7 +20,7 @@ from flexvlm.data.problems import (
     shared_ids,
 )
 from flexvlm.data.sampler import ResumableDataLoader, ResumableSampler
-from flexvlm.data.synthetic import WORDS, SyntheticVQA
+from flexvlm.data.synthetic import COLOUR_NAMES, WORDS, SyntheticVQA
 from flexvlm.data.templates import ChatTemplate, PlainTemplate, VicunaV1Template
 from flexvlm.data.tokenizer import Tokenizer, WordTokenizer, load_tokenizer
 from flexvlm.data.visuals import ImageProcessor
@@ -217,6 +217,8 @@ class SyntheticVQADataModule(_GeneratedVQADataModule):
     """The built-in synthetic high-res VQA task (flexvlm.data.synthetic); geometry and seeds as
     ``_GeneratedVQADataModule``'s."""
 
+    colour_classes = len(COLOUR_NAMES) + 1  # its colour targets' classes, background included
+
     def __init__(
         self,
         num_train: int = 20000,
@@ -248,7 +250,10 @@ class SyntheticVQADataModule(_GeneratedVQADataModule):
 class RegionsVQADataModule(_GeneratedVQADataModule):
     """The second built-in task, several regions a question (flexvlm.data.regions, docs/regions-task.md);
     geometry and seeds as ``_GeneratedVQADataModule``'s. ``num_colours``: how many of its colours the
-    scenes use. The model's ``max_new_tokens`` must cover an answer's 3 digits and its end token."""
+    scenes use. The model's ``max_new_tokens`` must cover an answer's 3 colour words, 3 digits and its
+    end token."""
+
+    colour_classes = regions.COLOUR_CLASSES
 
     def __init__(
         self,
