@@ -33,11 +33,11 @@ tokens projected per FA layer over the generation, S new tokens.
   forward; lm_head on the last row of each forward (S rows).
 - attention (every layer, every mode): prefill 4 n^2 D, decode 4 Nk D.
 - cross_attention (xattn, layers >= N_SA): prefill 4 n M D, decode 4 M D per step.
-- selection_overhead (flex; its fused implementation at alpha = 1, as in generation), with map
-  layers N_SA-1 .. L-2 and FA layers N_SA .. L-1 (L - N_SA each): prefill 2 n D per map layer (the
-  selecting row's scores) + 4 (n + K) D per FA layer (that row again over the sequence and its K
-  selected keys); decode 4 K D per FA layer per step (the row is computed eagerly over Nk + K keys,
-  and the map reuses its scores).
+- selection_overhead (flex; its fused implementation, as in generation), with map layers
+  N_SA-1 .. L-2 and FA layers N_SA .. L-1 (L - N_SA each), at the prefill and at every decode step:
+  2 h w D per map layer (the selecting row's scores of the h x w low-res image keys: its map, with
+  the log-sum-exp the sequence attention's kernel returns) + 4 K D per FA layer (that row over its K
+  selected keys alone, merged with its sequence attention through the two log-sum-exps).
 - hr_kv_projection (W_K', W_V': D -> kv): 4 D kv per projected token per FA layer, xattn M tokens,
   flex P tokens (K when the selection stays put, M when everything is projected at prefill).
 - A token reduction (hd, ``flexvlm.reduction``): every layer after a stage's drop sees n_l = n minus
@@ -84,12 +84,20 @@ def generation_flops(
 ) -> float:
     """Mean FLOPs per sample of ``generate`` on ``batch`` (``generate_options`` go to ``generate``).
     SDPA runs through its math backend so that FlopCounterMode sees its matrix products (the fused
-    CPU kernels are invisible to it)."""
-    counter = FlopCounterMode(display=False)
+    CPU kernels are invisible to it); the CPU kernel that returns the log-sum-exp (``SdpaAttention``'s,
+    called by its aten name) is counted as SDPA's products."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_kernel_flops})
     with sdpa_kernel(SDPBackend.MATH), counter:
         generate(model, batch["prompt_ids"], batch["prompt_mask"], batch["images"], batch.get("content_box"),
                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **generate_options)
     return counter.get_total_flops() / batch["prompt_ids"].shape[0]
+
+
+def _attention_kernel_flops(query_shape: torch.Size, key_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+    """A fused attention kernel's products: QK^T and PV, 4 q k d per head and sample, the mask ignored."""
+    batch, heads, rows, head_dim = query_shape
+    return 4 * batch * heads * rows * key_shape[2] * head_dim
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,12 @@ class ImageCost:
 
     def projected_tokens(self, mode: str) -> int:
         return {"lr_only": self.lr_projected, "hd": self.hd_projected}.get(mode, self.lr_projected + self.hr_projected)
+
+    @property
+    def lr_grid_tokens(self) -> int:
+        """h w, the cells of the low-res grid a selecting map covers: one per token of the low-res view,
+        the tokens its projector runs on (``lr_projected``)."""
+        return self.lr_projected
 
     def projector_flops_per_token(self, out_dim: int) -> int:
         return _projector_flops_per_token(self.projector, self.projector_in, out_dim)
@@ -332,11 +346,9 @@ def generation_cost(
         cross_attention = hr_layers * (d.attention_flops(n, hr_tokens) + decode_steps * d.attention_flops(1, hr_tokens))
         hr_kv_projection = hr_layers * hr_tokens * hr_kv_per_token
     elif mode == "flex":
-        k = selected_per_row
-        map_scores = hr_layers * 2 * n * d.hidden  # as many map layers as FA layers
-        prefill_row = hr_layers * d.attention_flops(1, n + k)
-        decode_selected = hr_layers * decode_steps * d.attention_flops(1, k)
-        selection_overhead = map_scores + prefill_row + decode_selected
+        map_scores = 2 * image.lr_grid_tokens * d.hidden  # as many map layers as FA layers
+        selected = d.attention_flops(1, selected_per_row)
+        selection_overhead = new_tokens * hr_layers * (map_scores + selected)  # every forward: prefill, steps
         hr_kv_projection = hr_layers * projected_hr_tokens * hr_kv_per_token
 
     return CostBreakdown(

@@ -20,7 +20,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_check_card.txt"
 
-timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_backends.py 2>&1 | tee "$OUT/gpu_check_tests.log"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_backends.py tests/test_flex_attention.py 2>&1 | tee "$OUT/gpu_check_tests.log"
 
 for backend in sdpa flex; do
   timeout 150 $PY scripts/bench_efficiency.py --sections decode train --device cuda --dtype bfloat16 \

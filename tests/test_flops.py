@@ -95,9 +95,10 @@ def test_flex_cost_by_hand():
     assert cost.decoder_linear == (n + 2) * 2 * per_token_layer
     assert cost.attention == 2 * 4 * 8 * (n * n + 8 + 9)
     assert cost.lm_head == 3 * 2 * 8 * 10
-    # one FA layer (1), one map layer (0): map scores at prefill, the selecting row over n + K keys
-    # at prefill, the K selected keys at each of the 2 decode steps
-    assert cost.selection_overhead == 2 * n * 8 + 4 * (n + 2) * 8 + 2 * 4 * 2 * 8
+    # one FA layer (1), one map layer (0), at each of the 3 forwards (prefill, 2 decode steps): the
+    # selecting row's scores of the 2 x 2 low-res image keys (its map, from the kernel's log-sum-exp),
+    # and that row over its K = 2 selected keys alone (merged with its sequence attention)
+    assert cost.selection_overhead == 3 * (2 * 4 * 8 + 4 * 2 * 8)
     assert cost.hr_kv_projection == 1 * 4 * 2 * 2 * 8 * 4
     assert cost.cross_attention == 0
     assert cost.total == sum((cost.vision, cost.projector, cost.decoder_linear, cost.attention, cost.lm_head,

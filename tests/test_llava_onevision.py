@@ -147,14 +147,14 @@ def test_hd_cached_steps_match_transformers_cache(onevision):
     with torch.no_grad():
         inputs = ours.prepare(_ids(onevision, batch), mask, batch)
         cache = KVCache()
-        ours_logits = [ours.step(inputs.embeds, inputs.attention_mask, cache, None)[:, -1]]
+        ours_logits = [ours.step(inputs.embeds, inputs.attention_mask, cache, None).logits[:, -1]]
         out = _theirs(model, batch, position_ids=positions, use_cache=True)
         their_logits, their_cache = [out.logits[:, -1]], out.cache
         for i in range(steps.shape[1]):
             token = steps[:, i: i + 1]
             mask = torch.cat((mask, mask.new_ones(len(mask), 1)), dim=1)
             positions = positions[:, -1:] + 1
-            ours_logits.append(ours.step(ours.llm.embed(token), mask, cache, None)[:, -1])
+            ours_logits.append(ours.step(ours.llm.embed(token), mask, cache, None).logits[:, -1])
             out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=their_cache, use_cache=True)
             their_logits.append(out.logits[:, -1])
             their_cache = out.cache

@@ -186,7 +186,7 @@ def _cached_step_logits(model, ids, mask, images, tokens):
             if step:
                 embeds = model.llm.embed(torch.tensor([[row[step - 1]] for row in tokens]))
                 attention_mask = torch.cat((attention_mask, attention_mask.new_ones(len(tokens), 1)), dim=1)
-            logits.append(model.step(embeds, attention_mask, cache, None, inputs.pruning)[:, -1])
+            logits.append(model.step(embeds, attention_mask, cache, None, inputs.pruning).logits[:, -1])
     return logits
 
 

@@ -213,7 +213,7 @@ def test_hd_with_a_kv_cache_gives_transformers_cached_logits(smolvlm):
     with torch.no_grad():
         out = folder.reference(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values,
                                pixel_attention_mask=batch.pixel_attention_mask, position_ids=positions, use_cache=True)
-        ours = model.step(inputs.embeds, inputs.attention_mask, cache_ours, None)[:, -1]
+        ours = model.step(inputs.embeds, inputs.attention_mask, cache_ours, None).logits[:, -1]
         diffs = [_max_diff(ours, out.logits[:, -1])]
         cache, step_mask, position = out.cache, mask, positions[:, -1:]
         for _ in range(3):
@@ -223,7 +223,7 @@ def test_hd_with_a_kv_cache_gives_transformers_cached_logits(smolvlm):
             out = folder.reference(input_ids=token, attention_mask=step_mask, position_ids=position, cache=cache,
                                    use_cache=True)
             cache = out.cache
-            ours = model.step(model.llm.embed(token), step_mask, cache_ours, None)[:, -1]
+            ours = model.step(model.llm.embed(token), step_mask, cache_ours, None).logits[:, -1]
             diffs.append(_max_diff(ours, out.logits[:, -1]))
     print(f"hd cached: max abs logit difference per step {[f'{d:.1e}' for d in diffs]}")
     assert max(diffs) < 1e-4

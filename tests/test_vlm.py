@@ -10,7 +10,7 @@ from flexvlm.models.llm import Llama, LlamaConfig
 from flexvlm.models.qwen2 import Qwen2, Qwen2Config
 from flexvlm.models.vision import PatchMLPBackbone
 from flexvlm.models.vlm import FlexVLM
-from flexvlm.selection import AllSelection, AttentionSelection
+from flexvlm.selection import AllSelection, AttentionSelection, SelectionStrategy, valid_grid
 
 LLM = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4)
 # a decoder object of each family, as a YAML's class_path builds it: Qwen2's q/k/v bias (which W_K',
@@ -248,3 +248,54 @@ def test_training_projects_the_union_of_the_selections_once(top_k):
         union = int(out.selection_masks[i].any(1).flatten(1).sum(-1).max())  # distinct tokens selected
         assert projected[i] == (2, union if 4 * union < 3 * 144 else 144, LLM["hidden_size"])
         assert (4 * union < 3 * 144) == (top_k == 2)  # both paths are exercised
+
+
+class _FixedPerLayer(SelectionStrategy):
+    """Each row's mask drawn at random per layer (seeded by it), whatever the map: what the decoder's
+    record must hold is known beforehand."""
+
+    def select(self, attn_map, ctx):
+        generator = torch.Generator().manual_seed(ctx.layer)
+        return torch.rand((*attn_map.shape[:2], *ctx.hr_shape), generator=generator) < 0.3
+
+
+def _fixed_masks(layer, rows, hr_valid):
+    """_FixedPerLayer's masks for ``rows`` (B, R) bool, cut to the image and to the real rows."""
+    drawn = torch.rand((*rows.shape, 12, 12), generator=torch.Generator().manual_seed(layer)) < 0.3
+    return drawn & hr_valid[:, None] & rows[:, :, None, None]
+
+
+def test_the_returned_selection_record_is_what_the_rows_selected():
+    """VLMOutput's masks and fractions (in training, with a padded selecting row and an image with
+    padding) and generate's prefill masks and high-res fraction are the selections themselves, and
+    their fractions computed by hand: count / the image's high-res tokens, averaged over real rows and
+    FA layers."""
+    model = _model("flex", selection=_FixedPerLayer())
+    batch = _batch()
+    batch["labels"][1, 3] = IGNORE_INDEX  # sample 1: one answer row (its second selecting row is padding)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.25, 1.0, 0.75]])  # (top, left, bottom, right)
+    hr_valid = valid_grid(box, 12)  # the 12 x 12 high-res grid, sample 1's side columns padding
+    available = hr_valid.flatten(1).sum(-1).float()
+    real = torch.tensor([[True, True], [True, False]])
+    out = model(**batch, content_box=box)
+    masks = {layer: _fixed_masks(layer, real, hr_valid) for layer in (1, 2)}
+    assert set(out.selection_masks) == set(out.selection_maps) == set(out.selected_fraction) == {1, 2}
+    per_row = {}
+    for layer, mask in masks.items():
+        assert torch.equal(out.selection_masks[layer], mask)
+        per_row[layer] = mask.flatten(2).sum(-1) / available[:, None]
+        mean = sum(float(per_row[layer][b, r]) for b, r in real.nonzero().tolist()) / int(real.sum())
+        assert float(out.selected_fraction[layer]) == pytest.approx(mean)
+    torch.testing.assert_close(out.row_fraction, (per_row[1] + per_row[2]) / 2)
+    sample = [float(out.row_fraction[0].mean()), float(out.row_fraction[1, 0])]
+    torch.testing.assert_close(out.sample_fraction, torch.tensor(sample))
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    generated = model.generate(ids, mask, batch["images"], box, max_new_tokens=3)
+    one_row = torch.ones(2, 1, dtype=torch.bool)  # the current token, at the prefill and every step
+    step = {layer: _fixed_masks(layer, one_row, hr_valid) for layer in (1, 2)}
+    assert set(generated.prefill_masks) == {1, 2}
+    for layer, expected in step.items():
+        assert torch.equal(generated.prefill_masks[layer], expected[:, 0])
+    by_hand = sum(m.flatten(1).sum(-1) / available for m in (step[1][:, 0], step[2][:, 0])) / 2
+    torch.testing.assert_close(generated.hr_fraction, by_hand)

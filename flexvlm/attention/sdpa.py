@@ -1,7 +1,8 @@
 """torch's scaled_dot_product_attention: the default. Its public call returns no log-sum-exp; where one is
 asked, the fused kernels that compute it anyway are called by their aten names (the CPU flash kernel,
-CUDA's memory-efficient one), which take an additive mask and full kv heads; their lse is returned
-without a gradient (the kernels give it none), so maps that need one are the eager backend's."""
+CUDA's memory-efficient one), which take an additive mask and full kv heads, and which autocast does not
+reach (the inputs are cast as it casts SDPA's); their lse is returned without a gradient (the kernels
+give it none), so maps that need one are the eager backend's."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ class SdpaAttention(AttentionBackend):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  enable_gqa=q.shape[1] != k.shape[1])
             return out, None
+        q, k, v = _as_autocast(q, k, v)
         groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if groups > 1:  # a copy of every key and value: only where the heads are grouped
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         bias = _additive(mask, q)
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -36,6 +39,16 @@ class SdpaAttention(AttentionBackend):
                 q, k, v, bias, compute_log_sumexp=True, is_causal=is_causal)
             return out, lse[..., : q.shape[2]].detach()  # the kernel pads its rows to its block size
         raise LseUnavailable(f"sdpa gives no log-sum-exp on {q.device.type}: use attn_backend eager there")
+
+
+def _as_autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in autocast's dtype where autocast is on (it would cast SDPA's inputs so; under it a
+    layer's queries and keys, through RoPE, and values may differ in dtype)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _additive(mask: Tensor | None, q: Tensor) -> Tensor | None:

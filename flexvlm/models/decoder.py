@@ -213,11 +213,14 @@ class DecoderAttention(nn.Module):
         """(B, heads, N, d) attention output -> (B, N, D) through the output projection."""
         raise NotImplementedError
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
+               return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
         """Fused attention, no map materialised: queries (B, heads, R, d) over keys and values
         (B, kv_heads, keys, d), ``mask`` (B, 1, R, keys) bool (True: visible), float (added to the
-        scores; -inf: hidden) or None; through the layer's ``backend``."""
-        return self.backend(q, k, v, mask, is_causal)[0]
+        scores; -inf: hidden) or None; through the layer's ``backend``. -> (output (B, heads, R, d),
+        with ``return_lse`` each row's log-sum-exp of its scores (B, heads, R), else None; a backend
+        that cannot give it raises ``LseUnavailable``)."""
+        return self.backend(q, k, v, mask, is_causal, return_lse)
 
     def row_scores(self, q_rows: Tensor, k: Tensor) -> Tensor:
         """Scaled scores of a few query rows against all keys: (B, heads, R, d) x (B, kv_heads, keys, d)
@@ -233,13 +236,15 @@ class DecoderAttention(nn.Module):
         out = probs.reshape(b, self.num_kv_heads, (h // self.num_kv_heads) * r, n) @ v
         return out.view(b, h, r, v.shape[-1])
 
-    def sequence_attention(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
-        """Every query row over its causal keys."""
-        return self.attend(q, k, v, inputs.sdpa_mask, is_causal=inputs.sdpa_mask is None and q.shape[2] > 1)
+    def sequence_attention(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
+                           return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Every query row over its causal keys: ``attend``'s (output, lse)."""
+        return self.attend(q, k, v, inputs.sdpa_mask, is_causal=inputs.sdpa_mask is None and q.shape[2] > 1,
+                           return_lse=return_lse)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> Tensor:
         q, k, v = self.qkv(x, inputs, cache)
-        return self.output(self.sequence_attention(q, k, v, inputs))
+        return self.output(self.sequence_attention(q, k, v, inputs)[0])
 
 
 class DecoderLayer(nn.Module):
@@ -258,12 +263,13 @@ class DecoderLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None,
-                variant: Callable[..., Any] | None = None) -> Any:
-        """The plain block, or ``variant(self, x, inputs, cache)``: the block computed another way
-        (FlexVLM's flex and cross-attention layers). Run here, so that what wraps a layer's forward
-        (FSDP2 gathering a sharded layer's weights, hooks) sees every use of the layer."""
+                variant: Callable[..., Any] | None = None, *variant_args: Any) -> Any:
+        """The plain block, or ``variant(self, x, inputs, cache, *variant_args)``: the block computed
+        another way (FlexVLM's flex and cross-attention layers), its other inputs passed as arguments.
+        Run here, so that what wraps a layer's forward (FSDP2 gathering a sharded layer's weights,
+        hooks) sees every use of the layer."""
         if variant is not None:
-            return variant(self, x, inputs, cache)
+            return variant(self, x, inputs, cache, *variant_args)
         return self.after_attention(x, self.self_attn(self.attention_input(x), inputs, cache))
 
 

@@ -1,11 +1,12 @@
 """Batched greedy generation with a KV cache, for every mode.
 
 Prompts are left-padded, so every sample's next token sits in the last row. In ``flex`` mode the
-selection is recomputed at every step from the current token's attention (as in the release); the
-HR K/V projections live in the ``HighResState`` for the whole generation, so a (layer, HR token)
-pair is projected once, never twice: lazily, when first selected (``high_res_kv="lazy"``, the
-default: cheapest for short answers), or all at the prefill (``"prefill"``: cheaper per step for long
-generations). docs/benchmarks.md measures the crossover.
+selection is recomputed at every step from the current token's attention (as in the release), and
+each step returns what it selected (``StepOutput.selection``); the HR K/V projections live in the
+``HighResKVCache`` for the whole generation, so a (layer, HR token) pair is projected once, never
+twice: lazily, when first selected (``high_res_kv="lazy"``, the default: cheapest for short answers),
+or all at the prefill (``"prefill"``: cheaper per step for long generations). docs/benchmarks.md
+measures the crossover.
 """
 
 from __future__ import annotations
@@ -63,17 +64,19 @@ def generation_steps(
     generated = input_ids.new_zeros(batch, 0)
     if use_cache:
         inputs = model.prepare(input_ids, attention_mask, images, content_box, high_res_kv=high_res_kv)
-        state, mask, cache = inputs.high_res, inputs.attention_mask, KVCache()
+        high_res, mask, cache = inputs.high_res, inputs.attention_mask, KVCache()
         embeds = inputs.embeds
     for step in range(max_new_tokens):
         if use_cache:
             if step:
                 embeds = model.llm.embed(generated[:, -1:])
                 mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
-            logits = model.step(embeds, mask, cache, state, inputs.pruning)[:, -1]
-            budget = inputs.budget  # what spends high-res tokens, if anything
-            rows_fraction = budget.row_fraction() if budget is not None else None
-            masks = state.masks if state is not None else {}
+            out = model.step(embeds, mask, cache, high_res, inputs.pruning)
+            logits, selection = out.logits[:, -1], out.selection
+            # what spends high-res tokens, if anything: flex mode's selection, or a token reduction
+            spent = selection if selection is not None else inputs.budget
+            rows_fraction = spent.row_fraction() if spent is not None else None
+            masks = selection.masks if selection is not None else {}
         else:
             ids = torch.cat((input_ids, generated), dim=1)
             full_mask = torch.cat((attention_mask, torch.ones_like(generated)), dim=1)

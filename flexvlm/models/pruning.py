@@ -13,7 +13,6 @@ like the tokens kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -86,7 +85,7 @@ class SequencePruning:
                 inputs = build_attention_inputs(cos, sin, 0, current.valid)
             if i + 1 in stages and stages[i + 1].rate_at == i:  # this layer's own map rates for the next
                 rows = SelectingRows.from_mask(raters, inputs)
-                x, probs = llm.checkpointed(layer, x, inputs, cache, partial(mapped_layer, rows=rows, map_grad=False))
+                x, probs = llm.checkpointed(layer, x, inputs, cache, mapped_layer, rows, False)  # no map_grad
                 rating = probs, rows.valid
             else:
                 x = llm.checkpointed(layer, x, inputs, cache)
@@ -165,7 +164,7 @@ class SequencePruning:
         return seen / (total * self.num_layers)
 
     def row_fraction(self) -> Tensor:
-        """(B, 1): ``image_fraction`` as ``HighResState.row_fraction`` reports a selection's, every row alike."""
+        """(B, 1): ``image_fraction`` as ``SelectionRecord.row_fraction`` reports a selection's, every row alike."""
         return self.image_fraction()[:, None]
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -27,13 +26,13 @@ from torch import Tensor, nn
 from flexvlm import sharding
 from flexvlm.attention import AttentionBackend, build_backend
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from flexvlm.models.decoder import KVCache, LanguageModel
+from flexvlm.models.decoder import AttentionInputs, KVCache, LanguageModel
 from flexvlm.models.encoder import DualPathEncoder, EncodedImages, VisualEncoder
 from flexvlm.models.families import preset
 from flexvlm.models.generation import generate
 from flexvlm.models.flex_attention import (
-    FLEX_IMPLS, FlexAttention, HighResState, Selection, SelectingRows, cross_attention_layer, flex_layer,
-    low_res_map, mapped_layer,
+    FLEX_IMPLS, FlexAttention, HighResInputs, HighResKVCache, HighResSelector, MapRequest, Selection, SelectingRows,
+    SelectionRecord, cross_attention_layer, flex_layer, low_res_map, mapped_layer,
 )
 from flexvlm.models.geometry import VisualLayout, high_res_rope
 from flexvlm.models.projector import build_projector
@@ -56,14 +55,15 @@ class MultimodalInputs:
     lr_features: Tensor | None  # (B, g*g, C) vision tokens before the projector (where the encoder gives them)
     hr_features: Tensor | None  # (B, G*G, C)
     image_mask: Tensor  # (B, N) bool: the image tokens in the sequence
-    high_res: HighResState | None = None
+    high_res: HighResInputs | None = None  # xattn and flex
     pruning: SequencePruning | None = None  # hd mode with a token reduction in the decoder
     reduced: KeptImageTokens | None = None  # hd mode with a reduction before the decoder
 
     @property
-    def budget(self) -> HighResState | SequencePruning | KeptImageTokens | None:
-        """What spends a share of the high-res tokens, if anything (its ``row_fraction``)."""
-        return next((b for b in (self.high_res, self.pruning, self.reduced) if b is not None), None)
+    def budget(self) -> SequencePruning | KeptImageTokens | None:
+        """The token reduction that spends a share of the high-res tokens, if any (its ``row_fraction``);
+        flex mode's share is in the ``SelectionRecord`` each decoder pass returns."""
+        return next((b for b in (self.pruning, self.reduced) if b is not None), None)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class KeptImageTokens:
         return self.fraction
 
     def row_fraction(self) -> Tensor:
-        """(B, 1): every row alike (``HighResState.row_fraction``)."""
+        """(B, 1): every row alike (``SelectionRecord.row_fraction``)."""
         return self.fraction[:, None]
 
 
@@ -90,11 +90,19 @@ class VLMOutput:
     hr_features: Tensor | None
     selected_fraction: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> fraction of HR tokens
     selection_masks: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, H, W)
-    selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, h, w), see HighResState.maps
+    selection_maps: dict[int, Tensor] = field(default_factory=dict)  # FA layer -> (B, R, h, w), SelectionRecord.maps
     # (lr_only with map_grad: the layer a flex model would select for, see FlexVLM.decode_with_maps)
     sample_fraction: Tensor | None = None  # (B,) HR fraction used per sample, mean over FA layers
     # (with a token reduction: the share of the image tokens a layer sees, mean over layers)
     row_fraction: Tensor | None = None  # (B, R) HR fraction used per selecting row, mean over FA layers
+
+
+@dataclass
+class StepOutput:
+    """One cached decoding step (``FlexVLM.step``)."""
+
+    logits: Tensor  # (B, 1, vocab) of the last row
+    selection: SelectionRecord | None  # flex mode: what the last row selected in each FA layer
 
 
 class WeightLoader(ABC):
@@ -309,7 +317,7 @@ class FlexVLM(nn.Module):
         """Encode the images (a tensor, or the architecture's image batch) and splice their tokens in
         place of each row's image placeholders. ``high_res_kv`` (``lazy`` / ``prefill``): how a
         generation projects HR K/V; ``map_grad``: the selecting maps keep their gradient (see
-        HighResState)."""
+        ``MapRequest``)."""
         if isinstance(self.reduction, ImageTokenReduction):
             encoded = self.encoder.encode_reduced(images, self.projector, self.reduction)
         else:
@@ -322,8 +330,8 @@ class FlexVLM(nn.Module):
         elif self.reduction is not None:
             inputs.reduced = KeptImageTokens(encoded.kept_fraction)
         if self.uses_high_res_attention:
-            inputs.high_res = self._high_res_state(inputs, encoded.high_res, encoded.layout, alpha, high_res_kv,
-                                                   map_grad)
+            inputs.high_res = self._high_res_inputs(inputs, encoded.high_res, encoded.layout, alpha, high_res_kv,
+                                                    map_grad)
         return inputs
 
     def _splice(
@@ -372,60 +380,75 @@ class FlexVLM(nn.Module):
         h, w = self.encoder.lr_shape
         return image_start[:, None] + torch.arange(h * w, device=image_start.device)
 
-    def _high_res_state(
+    def _high_res_inputs(
         self, inputs: MultimodalInputs, hr_tokens: Tensor, layout: VisualLayout, alpha: float, kv_mode: str,
         map_grad: bool,
-    ) -> HighResState:
+    ) -> HighResInputs:
         b, n = inputs.attention_mask.shape
         lr_index = self._lr_index(inputs.image_start)
         positions = self.llm.position_ids(inputs.attention_mask, b, n, 0, hr_tokens.device)
         cos, sin = self.llm.rope(positions.gather(1, lr_index), hr_tokens.dtype)
         hr_cos, hr_sin = high_res_rope(cos, sin, layout)
-        return HighResState(hr_tokens, hr_cos, hr_sin, lr_index, layout, self.selection, dense=self.mode == "xattn",
-                            alpha=alpha, kv_mode=kv_mode, map_grad=map_grad)
+        kv = HighResKVCache(hr_tokens, hr_cos, hr_sin, layout.hr_valid.flatten(1), kv_mode)
+        if self.selection is None:  # xattn: every row sees every HR token
+            return HighResInputs(kv, alpha=alpha)
+        selector = HighResSelector(self.selection, layout, every_token_keys=self.flex_impl == "release")
+        return HighResInputs(kv, selector, MapRequest(inputs.image_start, layout.lr_shape, map_grad), alpha)
 
     # -- forward --------------------------------------------------------------------------------
     def decode(
-        self, embeds: Tensor, attention_mask: Tensor, row_mask: Tensor, state: HighResState | None,
+        self, embeds: Tensor, attention_mask: Tensor, row_mask: Tensor, high_res: HighResInputs | None,
         cache: KVCache | None = None, pruning: SequencePruning | None = None,
-    ) -> Tensor:
-        """The decoder loop: hidden states after the final norm. In flex mode the rows in ``row_mask``
-        (B, N) select: layer N_SA - 1's attention map selects layer N_SA's HR tokens, and so on, each
-        layer handing its map to the next. With a token reduction (``pruning``) the rows where answers
-        start rate the image tokens, and the layers after each stage see those it kept.
-        ``attention_mask`` covers cached keys too."""
+    ) -> tuple[Tensor, SelectionRecord | None]:
+        """The decoder loop: -> (hidden states after the final norm, in flex mode the record of what the
+        rows in ``row_mask`` (B, N) selected, else None). In flex mode each layer from N_SA - 1 on
+        returns its selecting rows' map, from which the loop selects the next layer's HR tokens. With a
+        token reduction (``pruning``) the rows where answers start rate the image tokens, and the layers
+        after each stage see those it kept. ``attention_mask`` covers cached keys too."""
         llm = self.llm
         if pruning is not None and not (cache is not None and len(cache)):
-            return pruning.run_prompt(llm, embeds, attention_mask, row_mask, cache)
+            return pruning.run_prompt(llm, embeds, attention_mask, row_mask, cache), None
         inputs = llm.attention_inputs(embeds, attention_mask, cache)
         x = embeds
         if pruning is not None:  # a decoding step: each layer's cache holds its stage's tokens
             for layer, layer_inputs in zip(llm.layers, pruning.step_inputs(llm, inputs, attention_mask, embeds.dtype)):
                 x = layer(x, layer_inputs, cache)
-            return llm.final_norm(x)
-        if state is not None:  # cross-attention: every row attends to the HR tokens
-            state.start_step(SelectingRows.from_mask(torch.ones_like(row_mask) if state.dense else row_mask, inputs))
-        first_special = self.num_sa_layers if state is None or state.dense else self.num_sa_layers - 1
+            return llm.final_norm(x), None
+        if high_res is not None and high_res.selector is not None:
+            return self._selecting_layers(x, inputs, cache, SelectingRows.from_mask(row_mask, inputs), high_res)
+        every_row = SelectingRows.from_mask(torch.ones_like(row_mask), inputs) if high_res is not None else None
+        for i, layer in enumerate(llm.layers):
+            if high_res is None or i < self.num_sa_layers:
+                x = llm.checkpointed(layer, x, inputs, cache)
+            else:  # cross-attention: every row attends to every HR token
+                x = llm.checkpointed(layer, x, inputs, cache, cross_attention_layer, every_row, high_res.kv)
+        return llm.final_norm(x), None
+
+    def _selecting_layers(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
+                          high_res: HighResInputs) -> tuple[Tensor, SelectionRecord]:
+        """flex mode's decoder loop: each layer from N_SA - 1 on takes the selection made from the map of
+        the layer before (none for the first) and returns its own map. -> (hidden states after the final
+        norm, the record of the selections)."""
+        llm = self.llm
+        record = SelectionRecord(rows, high_res.selector.available)
         selection: Selection | None = None
         for i, layer in enumerate(llm.layers):
-            if state is None or i < first_special:
+            if i < self.num_sa_layers - 1:
                 x = llm.checkpointed(layer, x, inputs, cache)
-            elif state.dense:
-                x = llm.checkpointed(layer, x, inputs, cache, partial(cross_attention_layer, rows=state.rows,
-                                                                      state=state))
-            else:
-                need_map = i + 1 < len(llm.layers)
-                variant = partial(flex_layer, rows=state.rows, selection=selection, state=state, need_map=need_map,
-                                  impl=self.flex_impl)
-                x, probs = llm.checkpointed(layer, x, inputs, cache, variant)
+                continue
+            map_request = high_res.map_request if i + 1 < len(llm.layers) else None  # the last selects for none
+            x, attn_map = llm.checkpointed(layer, x, inputs, cache, flex_layer, rows, selection, high_res.kv,
+                                           high_res.alpha, map_request, self.flex_impl)
+            if attn_map is not None:
                 # selected outside the checkpointed layer, so that a recomputed layer sees the same tokens
-                selection = state.select(i + 1, probs) if need_map else None
-        return llm.final_norm(x)
+                selection, mask = high_res.selector.select(i + 1, attn_map, rows)
+                record.add(i + 1, attn_map, mask)
+        return llm.final_norm(x), record
 
     def decode_with_maps(self, inputs: MultimodalInputs, row_mask: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         """The decoder loop of a model without HR attention (``lr_only``), teacher-forced, that also
         returns where the rows in ``row_mask`` look: the low-res maps of the layers that would select
-        in flex mode (N_SA - 1 to L - 2), keyed like ``HighResState.maps`` by the layer they would
+        in flex mode (N_SA - 1 to L - 2), keyed like ``SelectionRecord.maps`` by the layer they would
         select for, with their gradient. -> (hidden states after the final norm, maps)."""
         llm = self.llm
         attn_inputs = llm.attention_inputs(inputs.embeds, inputs.attention_mask, None)
@@ -435,8 +458,7 @@ class FlexVLM(nn.Module):
         x, maps = inputs.embeds, {}
         for i, layer in enumerate(llm.layers):
             if i in mapped:
-                variant = partial(mapped_layer, rows=rows, map_grad=True)
-                x, probs = llm.checkpointed(layer, x, attn_inputs, None, variant)
+                x, probs = llm.checkpointed(layer, x, attn_inputs, None, mapped_layer, rows, True)  # map_grad
                 maps[i + 1] = low_res_map(probs, lr_index, self.encoder.lr_shape)
             else:
                 x = llm.checkpointed(layer, x, attn_inputs, None)
@@ -465,34 +487,35 @@ class FlexVLM(nn.Module):
             row_mask = torch.zeros_like(inputs.attention_mask, dtype=torch.bool)
             row_mask[:, -select_last:] = True
         maps: dict[int, Tensor] = {}
+        record = None
         if self.mode == "lr_only" and map_grad:
             hidden, maps = self.decode_with_maps(inputs, row_mask)
         else:
-            hidden = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res, pruning=inputs.pruning)
+            hidden, record = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res,
+                                         pruning=inputs.pruning)
         logits = self.llm.logits(hidden)
         loss = None
         if inputs.labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX)
-        state = inputs.high_res
         out = VLMOutput(logits=logits, loss=loss, lr_features=inputs.lr_features, hr_features=inputs.hr_features,
                         selection_maps=maps)
         if self.reduction is not None:  # hd: the reduction's record is the budget
             out.sample_fraction, out.row_fraction = inputs.budget.image_fraction(), inputs.budget.row_fraction()
-        if state is not None:
-            out.selected_fraction, out.selection_masks = state.selected_fraction, dict(state.masks)
-            out.selection_maps, out.sample_fraction = dict(state.maps), state.sample_fraction()
-            out.row_fraction = state.row_fraction()
+        if record is not None:
+            out.selected_fraction, out.selection_masks = record.selected_fraction(), dict(record.masks)
+            out.selection_maps, out.sample_fraction = dict(record.maps), record.sample_fraction()
+            out.row_fraction = record.row_fraction()
         return out
 
-    def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResState | None,
-             pruning: SequencePruning | None = None) -> Tensor:
+    def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResInputs | None,
+             pruning: SequencePruning | None = None) -> StepOutput:
         """One cached decoding step (or a prefill): the last row of each sample selects (or rates the
-        image tokens, at a reduction's prefill). -> logits."""
+        image tokens, at a reduction's prefill)."""
         row_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         row_mask[:, -1] = True
-        hidden = self.decode(embeds, attention_mask, row_mask, high_res, cache, pruning)
-        return self.llm.logits(hidden[:, -1:])
+        hidden, selection = self.decode(embeds, attention_mask, row_mask, high_res, cache, pruning)
+        return StepOutput(self.llm.logits(hidden[:, -1:]), selection)
 
 
 def _encoder(backbone: VisionBackbone | None, encoder: VisualEncoder | None, **dual_path: Any) -> VisualEncoder:
