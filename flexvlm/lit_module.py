@@ -83,6 +83,7 @@ class FlexVLMModule(L.LightningModule):
         stop_strings: list[str] | None = None,
         eval_loss: bool = True,
         high_res_kv: str = "lazy",
+        compiled_decode: bool = False,
         init_from: str | None = None,
         nonfinite_loss_skips: int = 0,
     ) -> None:
@@ -106,6 +107,9 @@ class FlexVLMModule(L.LightningModule):
             high_res_kv: how generation projects high-res K/V (``flexvlm.models.generation``): ``lazy`` (a
                 token when first selected; cheapest for short answers) or ``prefill`` (all at the
                 first step; cheaper per step for long answers, see docs/benchmarks.md).
+            compiled_decode: generate with the compiled decode step of static shapes (docs/method.md, 5b;
+                HR K/V projected at the prefill, whatever ``high_res_kv`` says); a model it cannot run is
+                refused at the first generation.
             init_from: start from another run's weights (its ``.ckpt``) but not its optimizer or
                 step count, e.g. every mode of a study from one low-res-only run; W_K', W_V' that
                 the source lacks start as W_K, W_V (``load_run_weights``).
@@ -352,7 +356,7 @@ class FlexVLMModule(L.LightningModule):
         """Greedy answers to the batch's left-padded prompts, HR fraction per sample, prefill masks."""
         out = self.model.generate(batch["prompt_ids"], batch["prompt_mask"], batch["images"], batch.get("content_box"),
                                   max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_id,
-                                  high_res_kv=self.hparams.high_res_kv)
+                                  high_res_kv=self.hparams.high_res_kv, compiled=self.hparams.compiled_decode)
         return [self._decode(t) for t in out.tokens], out.hr_fraction, out.prefill_masks
 
     def _forwards(self, batch: dict[str, Any], protocol: EvaluationProtocol) -> tuple[Tensor | None, Scored]:

@@ -23,15 +23,18 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generation_seconds(model: FlexVLM, batch: dict[str, Any], new_tokens: int, high_res_kv: str = "lazy") -> list[float]:
+def generation_seconds(model: FlexVLM, batch: dict[str, Any], new_tokens: int, high_res_kv: str = "lazy",
+                       compiled: bool = False) -> list[float]:
     """Cumulative seconds from the start (vision included) to each of ``new_tokens`` greedy tokens of
     the batch's prompts (``prompt_ids``, ``prompt_mask``, ``images``, optional ``content_box``). No end
-    token stops it, so every model generates the same number of tokens."""
+    token stops it, so every model generates the same number of tokens. ``compiled``: the compiled decode
+    step (``generation_steps``), whose first generation of a shape compiles it."""
     device = batch["prompt_ids"].device
     _synchronize(device)
     start, times = time.perf_counter(), []
     for _ in generation_steps(model, batch["prompt_ids"], batch["prompt_mask"], batch["images"],
-                              batch.get("content_box"), max_new_tokens=new_tokens, high_res_kv=high_res_kv):
+                              batch.get("content_box"), max_new_tokens=new_tokens, high_res_kv=high_res_kv,
+                              compiled=compiled):
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return times

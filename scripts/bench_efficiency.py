@@ -13,7 +13,8 @@ width 512. Sections:
 - decode: decoder prefill of a 40-token prompt; one decode step (selection staying put: center;
   and attention); whole greedy generations of 1..63 tokens (vision included), with high-res K/V
   projected lazily or all at prefill, and the release-style layer; a batch-8 decode step against
-  8 batch-1 steps.
+  8 batch-1 steps. ``--compile`` adds flex with the compiled decode step of static shapes
+  (``flex/compiled``, ``flexvlm.models.static_decode``; its compile is in the warm-up).
 - train: one forward + backward at batch 2 with 64 and 256 answer rows, after a warm-up step:
   time, and peak memory (each in a fresh process; CPU: the peak RSS above the RSS before the step,
   glibc's mmap threshold fixed so that freed tensors leave the RSS; CUDA: peak allocated). Variants:
@@ -142,15 +143,19 @@ def decode_section(args: argparse.Namespace) -> dict:
     eight = {name: prompts(models[name], 8, args) for name in ("lr_only", "flex", "flex_center")}
     batched = [("lr_only", "lazy"), ("flex", "lazy"), ("flex", "prefill"), ("flex_center", "lazy")]
     runs = [(name, kv) for name in names for kv in (["lazy", "prefill"] if name in ("flex", "flex_center") else ["lazy"])]
+    if args.compile:  # "compiled" in place of a K/V mode: the compiled step projects them at prefill
+        runs.append(("flex", "compiled"))
     curves: dict[str, list[list[float]]] = {f"{n}/{kv}": [] for n, kv in runs}
     prefill: dict[str, list[float]] = {name: [] for name in names}
     batch_steps: dict[str, dict[int, list[float]]] = {f"{n}/{kv}": {1: [], 8: []} for n, kv in batched}
     for name in names:  # warm-up
         generation_seconds(models[name], one[name], 2)
+    if args.compile:  # the compile, for the shapes measured
+        _generation_seconds(models["flex"], one["flex"], LENGTHS[-1], "compiled")
     for rep in range(args.repeats):
         print(f"decode: repeat {rep + 1}/{args.repeats}", flush=True)
         for name, kv in runs:
-            curves[f"{name}/{kv}"].append(generation_seconds(models[name], one[name], LENGTHS[-1], kv))
+            curves[f"{name}/{kv}"].append(_generation_seconds(models[name], one[name], LENGTHS[-1], kv))
         for name in names:
             prefill[name].append(prefill_seconds(models[name], one[name], args))
         for name, kv in batched:
@@ -167,6 +172,13 @@ def decode_section(args: argparse.Namespace) -> dict:
         "batch_step_s": {key: {size: median(v) for size, v in sizes.items()} for key, sizes in batch_steps.items()},
         "gflops_8_tokens": {name: f / 1e9 for name, f in flops.items()},
     }
+
+
+def _generation_seconds(model: FlexVLM, batch: dict, new_tokens: int, kv: str) -> list[float]:
+    """``generation_seconds`` with ``kv`` a high-res K/V mode, or ``compiled``: the compiled decode step."""
+    if kv == "compiled":
+        return generation_seconds(model, batch, new_tokens, compiled=True)
+    return generation_seconds(model, batch, new_tokens, kv)
 
 
 def _per_step(cumulative: list[float]) -> float:
@@ -347,6 +359,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn_backend", default="sdpa", help="the decoder's attention kernel (flexvlm.attention)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode: also flex with the compiled decode step (flex/compiled)")
     parser.add_argument("--concentrated_union", type=float, default=TRAINED_UNION,
                         help="flex_concentrated: the share of the blocks its rows select from together")
     parser.add_argument("--json", type=Path, help="write every figure to this file")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 22, one script for one GPU (about 8 minutes): the tests marked for CUDA, then the
+# The GPU check of issue 22, one script for one GPU (about 9 minutes): the tests marked for CUDA, then the
 # efficiency benchmark in bf16 on a decoder slice as wide as LLaMA-7B's (width 4096, 4 layers) at the
 # paper's geometry, once per attention backend. Writes $OUT/gpu_check_<backend>.json (OUT: the device
 # tool's folder; runs/ elsewhere) and prints each run's table. Record the figures in docs/benchmarks.md
@@ -20,7 +20,8 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_check_card.txt"
 
-timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_backends.py tests/test_flex_attention.py 2>&1 | tee "$OUT/gpu_check_tests.log"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_backends.py tests/test_flex_attention.py \
+  tests/test_compiled_decode.py 2>&1 | tee "$OUT/gpu_check_tests.log"
 
 for backend in sdpa flex; do
   timeout 150 $PY scripts/bench_efficiency.py --sections decode train --device cuda --dtype bfloat16 \

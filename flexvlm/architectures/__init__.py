@@ -1,8 +1,8 @@
 """VLM architectures, one package each, and the registry that builds a FlexVLM from a checkpoint
 folder of any of them (``from_pretrained``). A package holds what its architecture needs: its
 config.json read as FlexVLM's arguments, its weight layouts, its preprocessing. The architecture of a
-folder is told from its config.json, never from its name. LLaVA-1.5 and SmolVLM / Idefics3 build;
-LLaVA-OneVision has its preprocessing (``llava_onevision``)."""
+folder is told from its config.json, never from its name. LLaVA-1.5, SmolVLM / Idefics3 and LLaVA-OneVision
+and Qwen2-VL / Qwen2.5-VL (``qwen2_vl``) build in the four modes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from flexvlm.architectures import llava15, llava_onevision, smolvlm
+from flexvlm.architectures import llava15, llava_onevision, qwen2_vl, smolvlm
 from flexvlm.models.vlm import FlexVLM
 from flexvlm.selection import SelectionStrategy
 from flexvlm.weights import read_model_config
@@ -31,6 +31,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llava-1.5", llava15.recognises, llava15.arguments_from_llava),
     Architecture("smolvlm", smolvlm.recognises, smolvlm.arguments),
     Architecture("llava-onevision", llava_onevision.recognises, llava_onevision.arguments),
+    Architecture("qwen2-vl", qwen2_vl.recognises, qwen2_vl.arguments),
 )
 
 

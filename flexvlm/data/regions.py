@@ -26,7 +26,6 @@ Questions (``question_kind``):
 Every sample is a pure function of (seed, split, index).
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np

@@ -149,6 +149,27 @@ class AttentionInputs:
     sdpa_mask: Tensor | None  # (B, 1, N, keys) bool for SDPA; None: plain causal
 
 
+@dataclass
+class PromptPositions:
+    """Position ids that an architecture gives its prompts in place of the decoder's count of real tokens
+    (Qwen2-VL's multimodal RoPE: (3, B, N) ids, image tokens placed on their grid). A token after the prompt
+    (a cached step) is at its index among its sample's real tokens plus the sample's delta, the prompt's largest
+    position + 1 minus its number of real tokens, as transformers generates: text goes on counting from there."""
+
+    prompt: Tensor  # (3, B, N) or (B, N) int64 of the whole prompt; 0 at padding
+    deltas: Tensor  # (B, 1) int64
+
+    def of_chunk(self, llm: LanguageModel, attention_mask: Tensor | None, n: int, past_len: int) -> Tensor:
+        """The positions of a forward's ``n`` tokens after ``past_len`` cached ones: the prompt's own (a forward
+        or prefill of the whole prompt), or those of tokens after it."""
+        if past_len == 0:
+            if n != self.prompt.shape[-1]:
+                raise ValueError(f"a forward from the start holds {n} tokens, the prompt's positions "
+                                 f"{self.prompt.shape[-1]}")
+            return self.prompt
+        return llm.position_ids(attention_mask, self.deltas.shape[0], n, past_len, self.deltas.device) + self.deltas
+
+
 def causal_key_mask(rows: Tensor, past_len: int, key_valid: Tensor | None, num_keys: int) -> Tensor:
     """(B, R, keys) bool: key j is visible to the query at chunk position r iff j <= past_len + r
     and j is a real token. A query always sees itself, so a padded row never has an empty softmax."""

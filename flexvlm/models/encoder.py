@@ -18,6 +18,7 @@ from flexvlm.models.vision import VisionBackbone
 from flexvlm.selection.base import MARGIN_RULES, valid_grid
 
 if TYPE_CHECKING:  # the model hands a reduction in; the encoder only calls it
+    from flexvlm.models.decoder import PromptPositions
     from flexvlm.reduction import ImageTokenReduction
 
 __all__ = ["DualPathEncoder", "EncodedImages", "HIGH_RES_PATHS", "VisualEncoder"]
@@ -67,6 +68,19 @@ class VisualEncoder(nn.Module, ABC):
         """Sequence positions one image placeholder of a prompt stands for: 1 where the prompt holds a
         placeholder per image token (the architecture's processor expands them)."""
         return 1
+
+    def prompt_positions(self, images: Any, mode: str, image_mask: Tensor,
+                         attention_mask: Tensor) -> PromptPositions | None:
+        """The decoder's position ids of a spliced prompt ((B, N) ``image_mask``: its image tokens), where the
+        architecture places image tokens by positions of its own (Qwen2-VL's multimodal RoPE); None: the
+        decoder counts the real tokens."""
+        return None
+
+    def high_res_positions(self, prompt_positions: Tensor, lr_index: Tensor, layout: VisualLayout) -> Tensor:
+        """The decoder's position ids of the high-res keys on the layout's canvas, (3, B, H*W), where
+        ``prompt_positions`` (3, B, N) are the architecture's own (``prompt_positions``); ``lr_index`` (B, h*w):
+        the low-res grid's tokens in the sequence."""
+        raise NotImplementedError(f"{type(self).__name__} gives no positions of its own to its high-res keys")
 
     def reduced_tokens(self, reduction: ImageTokenReduction) -> int:
         """Sequence positions one image placeholder stands for in ``hd`` after ``reduction``, a reduction of

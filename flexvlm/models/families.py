@@ -57,7 +57,8 @@ class Family:
 # the registry: a new family is its module (its LanguageModel, config and config reader) and a line here
 FAMILIES: tuple[Family, ...] = (
     Family(Llama, llama_config_from_hf, ("llama", "llava_llama")),
-    Family(Qwen2, qwen2_config_from_hf, ("qwen2", "llava_qwen")),
+    # Qwen2-VL / Qwen2.5-VL's decoders are Qwen2's with multimodal RoPE (their text_config's model_types)
+    Family(Qwen2, qwen2_config_from_hf, ("qwen2", "llava_qwen", "qwen2_vl_text", "qwen2_5_vl_text")),
     Family(Gemma, gemma_config_from_hf, ("gemma",)),
 )
 
@@ -91,7 +92,8 @@ def decoder_config_from_hf(hf: dict, source: str = "config.json") -> tuple[type[
                      f"({', '.join(known)})")
 
 
-_SHAPELESS_DECODER_SETTINGS = ("rms_norm_eps", "rope_theta", "tie_word_embeddings")
+# (mrope_section: a field of the Qwen2 family's config only)
+_SHAPELESS_DECODER_SETTINGS = ("rms_norm_eps", "rope_theta", "tie_word_embeddings", "mrope_section")
 
 
 def _check_decoder_config(entry: Family, llm: LanguageModel, hf: dict, source: str) -> None:
@@ -103,8 +105,8 @@ def _check_decoder_config(entry: Family, llm: LanguageModel, hf: dict, source: s
                           "language model (llm)")
     found = entry.config_from_hf(hf, source)
     problems = [
-        f"{k}: checkpoint {getattr(found, k)} vs model {getattr(llm.config, k)}"
-        for k in _SHAPELESS_DECODER_SETTINGS if getattr(found, k) != getattr(llm.config, k)
+        f"{k}: checkpoint {getattr(found, k, None)} vs model {getattr(llm.config, k, None)}"
+        for k in _SHAPELESS_DECODER_SETTINGS if getattr(found, k, None) != getattr(llm.config, k, None)
     ]
     raise_mismatches(problems, source, "language model (llm / llm_overrides)")
 

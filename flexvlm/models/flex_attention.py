@@ -54,17 +54,21 @@ from flexvlm.models.decoder import (
 from flexvlm.models.geometry import Shape, VisualLayout
 from flexvlm.selection.base import SelectionContext, SelectionStrategy
 
-HIGH_RES_KV_MODES = ("lazy", "prefill")
+# "static": prefill's buffers, gathered afresh at every step, nothing read back to the host (the compiled
+# decode step's, ``flexvlm.models.static_decode``)
+HIGH_RES_KV_MODES = ("lazy", "prefill", "static")
 
 
-def selected_first(mask: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
+def selected_first(mask: Tensor, min_width: int = 0, width: int | None = None) -> tuple[Tensor, Tensor]:
     """(B, L) bool -> indices (B, K) of the True entries in ascending order, padded to the largest
-    count K (at least ``min_width``), and valid (B, K)."""
-    if mask.shape[0] == 1 and min_width == 0:  # one sample (batch-1 decoding): no padding to sort out
+    count K (at least ``min_width``), or to exactly ``width`` (no smaller than any count: a shape that
+    reads nothing back), and valid (B, K)."""
+    if width is None and mask.shape[0] == 1 and min_width == 0:  # one sample (batch-1 decoding): no padding
         idx = mask[0].nonzero().view(1, -1)
         return idx, torch.ones_like(idx, dtype=torch.bool)
     counts = mask.sum(-1)
-    width = max(int(counts.max()) if counts.numel() else 0, min_width)
+    if width is None:
+        width = max(int(counts.max()) if counts.numel() else 0, min_width)
     # a stable sort puts the True positions first, in ascending order
     idx = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
     valid = torch.arange(width, device=mask.device) < counts.unsqueeze(-1)
@@ -160,6 +164,20 @@ class HighResSelector:
         # padding (whole blocks), so that a fraction never exceeds 1
         selectable = strategy.clip(torch.ones_like(layout.hr_valid)[:, None], self._base_context)
         self.available = selectable.flatten(1).sum(-1).clamp(min=1)
+        self.width: int | None = None  # a fixed number of tokens per row's selection (``with_fixed_width``)
+
+    def with_fixed_width(self) -> HighResSelector:
+        """This selector with every row's selection padded to the most HR tokens a row can select (the
+        strategy's ``max_selected``), so that no shape depends on the map: the compiled decode step's. A
+        strategy whose count the map decides is refused (ValueError)."""
+        width = self.strategy.max_selected(self._base_context)
+        if width is None:
+            raise ValueError(f"{self.strategy!r} selects as many high-res tokens as the map decides (a threshold or "
+                             f"an adaptive mass): no fixed shape for a compiled decode step. Give the strategy a fixed "
+                             f"budget (ratio or top_k), or decode uncompiled")
+        fixed = copy.copy(self)  # the same contexts and memo
+        fixed.width = width
+        return fixed
 
     def select(self, layer_idx: int, attn_map: Tensor, rows: SelectingRows) -> tuple[Selection, Tensor]:
         """The ``rows``' low-res map (B, R, h, w) in layer ``layer_idx`` - 1 -> (the selection of layer
@@ -176,8 +194,9 @@ class HighResSelector:
         b, r, m = flat.shape
         if not self.every_token_keys:
             if r == 1:  # one row per sample (inference): the union is the row's own selection
-                tokens, valid = selected_first(flat[:, 0])
-                return Selection(tokens, valid, None if b == 1 else valid[:, None], _on_tokens(bias, tokens))
+                tokens, valid = selected_first(flat[:, 0], width=self.width)
+                unpadded = b == 1 and self.width is None
+                return Selection(tokens, valid, None if unpadded else valid[:, None], _on_tokens(bias, tokens))
             tokens, valid = selected_first(flat.any(1))
             if 4 * tokens.shape[1] < 3 * m:
                 row_mask = flat.gather(-1, tokens[:, None].expand(-1, r, -1)) & valid[:, None]
@@ -242,7 +261,7 @@ class HighResKVCache:
     def __init__(self, features: Tensor, cos: Tensor, sin: Tensor, valid: Tensor, kv_mode: str = "lazy") -> None:
         """features (B, M, D): projected HR tokens on the layout's canvas (M = H * W); cos / sin
         (B, M, d): their RoPE; valid (B, M): the tokens of the image; ``kv_mode``: how HR K/V are
-        projected at inference, ``lazy`` or ``prefill``."""
+        projected at inference, one of ``HIGH_RES_KV_MODES``."""
         if kv_mode not in HIGH_RES_KV_MODES:
             raise ValueError(f"unknown high-res K/V mode {kv_mode!r}; valid: {list(HIGH_RES_KV_MODES)}")
         self.features, self.cos, self.sin, self.valid, self.kv_mode = features, cos, sin, valid, kv_mode
@@ -270,15 +289,24 @@ class HighResKVCache:
             if layer not in self._every:
                 self._every[layer] = attn.project_high_res(self.features, self.cos, self.sin)
             return HighResKV(*self._every[layer], selection)
+        if self.kv_mode == "static":  # no comparison with the last gather: nothing read back to the host
+            return HighResKV(*self._gathered(attn, tokens, selection.valid), selection)
         last = self._last.get(layer)
         # a selection that stays put is gathered once (padded entries too: a token that turns valid
         # must have been projected, hence valid is compared as well)
         if last is None or not (torch.equal(last[0], tokens) and torch.equal(last[1], selection.valid)):
-            k_buf, v_buf = self._buffers(attn, tokens, selection.valid)
-            k, v = (_gather_tokens(buf, tokens).transpose(1, 2).contiguous() for buf in (k_buf, v_buf))
-            last = (tokens, selection.valid, k, v)
+            last = (tokens, selection.valid, *self._gathered(attn, tokens, selection.valid))
             self._last[layer] = last
         return HighResKV(last[2], last[3], selection)
+
+    def buffers(self) -> list[Tensor]:
+        """The FA layers' buffers of projected HR K and V, those projected so far."""
+        return [t for kv in (*self._kv.values(), *self._every.values()) for t in kv[:2]]
+
+    def _gathered(self, attn: FlexAttention, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's K and V (B, kv_heads, K, d) of ``tokens`` (B, K)."""
+        k_buf, v_buf = self._buffers(attn, tokens, valid)
+        return tuple(_gather_tokens(buf, tokens).transpose(1, 2).contiguous() for buf in (k_buf, v_buf))
 
     @torch.no_grad()
     def _buffers(self, attn: FlexAttention, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,7 +315,7 @@ class HighResKVCache:
         layer = attn.attention.layer_idx
         if layer not in self._kv:
             b, m, _ = self.features.shape
-            if self.kv_mode == "prefill":
+            if self.kv_mode != "lazy":  # every token, at the first call
                 k, v = (t.transpose(1, 2).contiguous() for t in attn.project_high_res(self.features, self.cos, self.sin))
                 self._kv[layer] = (k, v, self.features.new_ones(b, m, dtype=torch.bool))
                 return k, v
@@ -295,6 +323,8 @@ class HighResKVCache:
             self._kv[layer] = (self.features.new_zeros(shape), self.features.new_zeros(shape),
                                self.features.new_zeros(b, m, dtype=torch.bool))
         k_buf, v_buf, done = self._kv[layer]
+        if self.kv_mode != "lazy":  # every token projected already
+            return k_buf, v_buf
         todo = valid & ~done.gather(1, tokens)
         if todo.any():
             bi, ki = todo.nonzero(as_tuple=True)
@@ -532,6 +562,9 @@ def _merged_with_high_res(attn: DecoderAttention, q_rows: Tensor, plain: Tensor,
 def _write_rows(out: Tensor, row_out: Tensor, rows: SelectingRows) -> Tensor:
     """``out`` (B, heads, N, d) with the selecting rows' output (B, heads, R, d) in place of theirs;
     padded rows keep what they had."""
+    if rows.all_valid:  # no padded row: a scatter, whose shapes depend on no value
+        index = rows.rows[:, None, :, None].expand(-1, out.shape[1], -1, out.shape[-1])
+        return out.scatter(2, index, row_out.to(out.dtype))
     bi, ri = rows.valid.nonzero(as_tuple=True)
     out_t = out.transpose(1, 2)  # (B, N, heads, d)
     return out_t.index_put((bi, rows.rows[bi, ri]), row_out.transpose(1, 2)[bi, ri]).transpose(1, 2)

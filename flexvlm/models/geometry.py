@@ -61,6 +61,12 @@ def uniform_cells(hr_sizes: Tensor, canvas: Shape, grid: Shape) -> Tensor:
     return cell.masked_fill((rows >= sample_h) | (cols >= sample_w), -1)
 
 
+def on_canvas(grids: list[Tensor], canvas: Shape) -> Tensor:
+    """Each sample's (h_b, w_b, D) grid at the top left of an (H, W) canvas of zeros -> (B, H * W, D)."""
+    height, width = canvas
+    return torch.stack([F.pad(g, (0, 0, 0, width - g.shape[1], 0, height - g.shape[0])) for g in grids]).flatten(1, 2)
+
+
 def square_layout(lr_valid: Tensor, hr_valid: Tensor) -> VisualLayout:
     """The layout of one square image per sample on a g x g low-res and a G x G high-res grid (LLaVA-1.5,
     G = zoom * g), from the cells that show the image."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from flexvlm import sharding
 from flexvlm.attention import AttentionBackend, build_backend
 from flexvlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from flexvlm.models.decoder import AttentionInputs, KVCache, LanguageModel
+from flexvlm.models.decoder import AttentionInputs, KVCache, LanguageModel, PromptPositions
 from flexvlm.models.encoder import DualPathEncoder, EncodedImages, VisualEncoder
 from flexvlm.models.families import preset
 from flexvlm.models.generation import generate
@@ -58,6 +58,7 @@ class MultimodalInputs:
     high_res: HighResInputs | None = None  # xattn and flex
     pruning: SequencePruning | None = None  # hd mode with a token reduction in the decoder
     reduced: KeptImageTokens | None = None  # hd mode with a reduction before the decoder
+    positions: PromptPositions | None = None  # the architecture's position ids (multimodal RoPE); None: counted
 
     @property
     def budget(self) -> SequencePruning | KeptImageTokens | None:
@@ -203,6 +204,9 @@ class FlexVLM(nn.Module):
         if flex_impl == "release" and self.selection is not None and self.selection.weighs_keys:
             raise ValueError(f"{self.selection!r} weighs the high-res keys (a soft selection), which only flex_impl "
                              "'fused' applies; the release's layer is binary")
+        if reduction is not None and getattr(self.config, "mrope_section", None) is not None:
+            raise ValueError(f"a token reduction ({reduction!r}) recounts the decoder's positions, which multimodal "
+                             "RoPE (mrope_section) takes from the architecture: not implemented")
         if reduction is not None and mode != "hd":
             raise ValueError(f"a token reduction ({reduction!r}) drops image tokens of the sequence, which only mode hd "
                              f"holds; mode {mode!r} has none to drop")
@@ -325,6 +329,10 @@ class FlexVLM(nn.Module):
         embeds, mask, labels, image_start, image_mask = self._splice(input_ids, attention_mask, labels, encoded)
         inputs = MultimodalInputs(embeds, mask, labels, image_start, encoded.lr_features, encoded.hr_features,
                                   image_mask)
+        inputs.positions = self.encoder.prompt_positions(images, self.mode, image_mask, mask)
+        if inputs.positions is not None and getattr(self.config, "mrope_section", None) is None:
+            raise ValueError(f"{type(self.encoder).__name__} places image tokens by multimodal RoPE, which the "
+                             f"decoder ({type(self.llm).__name__}, no mrope_section) does not have")
         if isinstance(self.reduction, TokenReduction):
             inputs.pruning = SequencePruning.create(self.reduction, image_mask, self.config.num_layers)
         elif self.reduction is not None:
@@ -375,9 +383,9 @@ class FlexVLM(nn.Module):
         image_mask[bi_img, image_pos] = True
         return embeds, mask, labels, image_start, image_mask
 
-    def _lr_index(self, image_start: Tensor) -> Tensor:
+    def _lr_index(self, image_start: Tensor, lr_shape: tuple[int, int]) -> Tensor:
         """(B, h*w) sequence positions of the low-res grid's tokens."""
-        h, w = self.encoder.lr_shape
+        h, w = lr_shape
         return image_start[:, None] + torch.arange(h * w, device=image_start.device)
 
     def _high_res_inputs(
@@ -385,10 +393,14 @@ class FlexVLM(nn.Module):
         map_grad: bool,
     ) -> HighResInputs:
         b, n = inputs.attention_mask.shape
-        lr_index = self._lr_index(inputs.image_start)
-        positions = self.llm.position_ids(inputs.attention_mask, b, n, 0, hr_tokens.device)
-        cos, sin = self.llm.rope(positions.gather(1, lr_index), hr_tokens.dtype)
-        hr_cos, hr_sin = high_res_rope(cos, sin, layout)
+        lr_index = self._lr_index(inputs.image_start, layout.lr_shape)
+        if inputs.positions is not None:  # the architecture's positions: its encoder places the high-res keys too
+            hr_positions = self.encoder.high_res_positions(inputs.positions.prompt, lr_index, layout)
+            hr_cos, hr_sin = self.llm.rope(hr_positions, hr_tokens.dtype)
+        else:
+            positions = self.llm.position_ids(inputs.attention_mask, b, n, 0, hr_tokens.device)
+            cos, sin = self.llm.rope(positions.gather(1, lr_index), hr_tokens.dtype)
+            hr_cos, hr_sin = high_res_rope(cos, sin, layout)
         kv = HighResKVCache(hr_tokens, hr_cos, hr_sin, layout.hr_valid.flatten(1), kv_mode)
         if self.selection is None:  # xattn: every row sees every HR token
             return HighResInputs(kv, alpha=alpha)
@@ -399,30 +411,51 @@ class FlexVLM(nn.Module):
     def decode(
         self, embeds: Tensor, attention_mask: Tensor, row_mask: Tensor, high_res: HighResInputs | None,
         cache: KVCache | None = None, pruning: SequencePruning | None = None,
+        positions: PromptPositions | None = None,
     ) -> tuple[Tensor, SelectionRecord | None]:
         """The decoder loop: -> (hidden states after the final norm, in flex mode the record of what the
         rows in ``row_mask`` (B, N) selected, else None). In flex mode each layer from N_SA - 1 on
         returns its selecting rows' map, from which the loop selects the next layer's HR tokens. With a
         token reduction (``pruning``) the rows where answers start rate the image tokens, and the layers
-        after each stage see those it kept. ``attention_mask`` covers cached keys too."""
+        after each stage see those it kept. ``attention_mask`` covers cached keys too. ``positions``: the
+        prompt's position ids where the architecture gives them (``MultimodalInputs.positions``)."""
         llm = self.llm
         if pruning is not None and not (cache is not None and len(cache)):
             return pruning.run_prompt(llm, embeds, attention_mask, row_mask, cache), None
-        inputs = llm.attention_inputs(embeds, attention_mask, cache)
+        inputs = llm.attention_inputs(embeds, attention_mask, cache,
+                                      self._position_ids(positions, embeds, attention_mask, cache))
         x = embeds
         if pruning is not None:  # a decoding step: each layer's cache holds its stage's tokens
             for layer, layer_inputs in zip(llm.layers, pruning.step_inputs(llm, inputs, attention_mask, embeds.dtype)):
                 x = layer(x, layer_inputs, cache)
             return llm.final_norm(x), None
+        rows = None
+        if high_res is not None:  # flex: the rows in row_mask select; cross-attention: every row attends
+            rows = SelectingRows.from_mask(row_mask if high_res.selector is not None else torch.ones_like(row_mask),
+                                           inputs)
+        return self.decode_layers(x, inputs, cache, rows, high_res)
+
+    def decode_layers(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows | None,
+                      high_res: HighResInputs | None) -> tuple[Tensor, SelectionRecord | None]:
+        """``decode``'s loop over the layers, on prepared inputs and ``rows`` (flex: the selecting rows;
+        cross-attention: every row; None without HR attention) that the caller built: ``decode``, or a
+        decoding step of static shapes (``flexvlm.models.static_decode``)."""
+        llm = self.llm
         if high_res is not None and high_res.selector is not None:
-            return self._selecting_layers(x, inputs, cache, SelectingRows.from_mask(row_mask, inputs), high_res)
-        every_row = SelectingRows.from_mask(torch.ones_like(row_mask), inputs) if high_res is not None else None
+            return self._selecting_layers(x, inputs, cache, rows, high_res)
         for i, layer in enumerate(llm.layers):
             if high_res is None or i < self.num_sa_layers:
                 x = llm.checkpointed(layer, x, inputs, cache)
             else:  # cross-attention: every row attends to every HR token
-                x = llm.checkpointed(layer, x, inputs, cache, cross_attention_layer, every_row, high_res.kv)
+                x = llm.checkpointed(layer, x, inputs, cache, cross_attention_layer, rows, high_res.kv)
         return llm.final_norm(x), None
+
+    def _position_ids(self, positions: PromptPositions | None, embeds: Tensor, attention_mask: Tensor,
+                      cache: KVCache | None) -> Tensor | None:
+        """The position ids of a forward's tokens where the architecture gives them; None: the decoder counts."""
+        if positions is None:
+            return None
+        return positions.of_chunk(self.llm, attention_mask, embeds.shape[1], len(cache) if cache is not None else 0)
 
     def _selecting_layers(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
                           high_res: HighResInputs) -> tuple[Tensor, SelectionRecord]:
@@ -451,9 +484,11 @@ class FlexVLM(nn.Module):
         in flex mode (N_SA - 1 to L - 2), keyed like ``SelectionRecord.maps`` by the layer they would
         select for, with their gradient. -> (hidden states after the final norm, maps)."""
         llm = self.llm
-        attn_inputs = llm.attention_inputs(inputs.embeds, inputs.attention_mask, None)
+        attn_inputs = llm.attention_inputs(inputs.embeds, inputs.attention_mask, None,
+                                           self._position_ids(inputs.positions, inputs.embeds, inputs.attention_mask,
+                                                              None))
         rows = SelectingRows.from_mask(row_mask, attn_inputs)
-        lr_index = self._lr_index(inputs.image_start)
+        lr_index = self._lr_index(inputs.image_start, self.encoder.lr_shape)
         mapped = range(max(self.num_sa_layers - 1, 0), len(llm.layers) - 1)
         x, maps = inputs.embeds, {}
         for i, layer in enumerate(llm.layers):
@@ -492,7 +527,7 @@ class FlexVLM(nn.Module):
             hidden, maps = self.decode_with_maps(inputs, row_mask)
         else:
             hidden, record = self.decode(inputs.embeds, inputs.attention_mask, row_mask, inputs.high_res,
-                                         pruning=inputs.pruning)
+                                         pruning=inputs.pruning, positions=inputs.positions)
         logits = self.llm.logits(hidden)
         loss = None
         if inputs.labels is not None:
@@ -509,12 +544,13 @@ class FlexVLM(nn.Module):
         return out
 
     def step(self, embeds: Tensor, attention_mask: Tensor, cache: KVCache, high_res: HighResInputs | None,
-             pruning: SequencePruning | None = None) -> StepOutput:
+             pruning: SequencePruning | None = None, positions: PromptPositions | None = None) -> StepOutput:
         """One cached decoding step (or a prefill): the last row of each sample selects (or rates the
-        image tokens, at a reduction's prefill)."""
+        image tokens, at a reduction's prefill). ``positions``: the prompt's, where the architecture gives
+        them (``MultimodalInputs.positions``)."""
         row_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         row_mask[:, -1] = True
-        hidden, selection = self.decode(embeds, attention_mask, row_mask, high_res, cache, pruning)
+        hidden, selection = self.decode(embeds, attention_mask, row_mask, high_res, cache, pruning, positions)
         return StepOutput(self.llm.logits(hidden[:, -1:]), selection)
 
 

@@ -157,6 +157,12 @@ class SelectionStrategy(ABC):
         selection)."""
         return None
 
+    def max_selected(self, ctx: SelectionContext) -> int | None:
+        """The most high-res tokens one row can select on this batch's geometry, where a fixed budget bounds
+        it (a shape that depends on no map: the compiled decode step, ``flexvlm.models.static_decode``);
+        None where the map decides the count (a threshold, an adaptive mass)."""
+        return None
+
     @property
     def weighs_keys(self) -> bool:
         """Whether the strategy gives a ``key_bias``."""
@@ -172,6 +178,8 @@ class BlockSelection(SelectionStrategy):
     tokens carry no content); ``whole_blocks=True`` keeps it whole, padding tokens included, as the
     authors' release does (its released weights were trained that way)."""
 
+    budget: Budget | None = None  # a subclass's fixed budget of blocks; None: the map decides how many
+
     def __init__(self, block_grid: int | None = None, whole_blocks: bool = False) -> None:
         if block_grid is not None and block_grid < 1:
             raise ValueError(f"block_grid must be >= 1, got {block_grid}")
@@ -184,6 +192,20 @@ class BlockSelection(SelectionStrategy):
     def blocks(self, ctx: SelectionContext) -> Shape:
         """(bh, bw): the block grid, the low-res grid unless ``block_grid`` is set."""
         return (self.block_grid, self.block_grid) if self.block_grid else ctx.lr_shape
+
+    def max_selected(self, ctx: SelectionContext) -> int | None:
+        """With a ``budget``: the selectable high-res tokens of the budget's largest blocks, most over the
+        samples."""
+        if self.budget is None:
+            return None
+        blocks = self.blocks(ctx)
+        count = blocks[0] * blocks[1]
+        index = ctx.block_index(blocks).flatten(1)
+        selectable = self.clip(torch.ones_like(ctx.hr_valid)[:, None], ctx).flatten(1)
+        slot = index.masked_fill(index < 0, count)  # off the grid: one extra slot, dropped after (never selected)
+        sizes = index.new_zeros(index.shape[0], count + 1).scatter_add_(1, slot, selectable.long())[:, :count]
+        kept = int(self.budget.count(ctx.block_valid(blocks)).max())
+        return int(sizes.topk(kept, dim=-1).values.sum(-1).max())
 
     @abstractmethod
     def select_blocks(self, attn_map: Tensor, block_valid: Tensor, ctx: SelectionContext) -> Tensor:

@@ -1,5 +1,5 @@
 """Qwen2-VL and Qwen2.5-VL (transformers' Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration):
-the parts that need no change to flexvlm's decoder, each tested equal to transformers' (docs/qwen2_vl.md).
+each part tested equal to transformers' (docs/qwen2_vl.md).
 
 - ``preprocess``: the image processor's rules (``smart_resize``, rescale and normalisation, the temporal patches,
   the flattening into ``pixel_values`` and ``image_grid_thw``) and the prompt's image tokens
@@ -9,25 +9,33 @@ the parts that need no change to flexvlm's decoder, each tested equal to transfo
 - ``positions``: the decoder's multimodal RoPE, its (3, B, L) position ids and rope deltas (``rope_index``, as
   ``get_rope_index``) and its cos / sin tables (``mrope_cos_sin``).
 
-Not yet wired, for a later change once the refactor of the decoder under way lands: the decoder's use of
-multimodal RoPE (its rotary embedding fed (3, B, L) ids and ``mrope_section``, the rope deltas while generating),
-the decoder's weights (``model.*`` as saved, ``model.language_model.*`` in memory), the FlexVLM geometry (a
-``VisualLayout`` of the merged grid, the high-res keys and their 3-D positions), the encoder that places the
-tower's tokens, the config.json reader and the registry line in ``flexvlm.architectures``; so ``from_pretrained``
-does not build these models yet.
+- ``settings``, ``config``, ``encoder``, ``weights``: the model as FlexVLM builds it (``from_pretrained``): in
+  ``hd`` each image at its native resolution, in ``lr_only`` at max_pixels // zoom^2, in ``xattn`` / ``flex``
+  the reduced image in the sequence and the native one's tokens as high-res keys (``positions.high_res_positions``
+  places them); its config.json read as FlexVLM's arguments, the encoder that places the tower's merged tokens at
+  the pad tokens and gives the prompt's multimodal RoPE positions, the decoder's and the tower's weights.
+
+Not yet wired: the data pipeline's image processor, and xattn / flex for a batch whose reduced grids differ.
 """
 
+from flexvlm.architectures.ids import flexvlm_input_ids
+from flexvlm.architectures.qwen2_vl.config import arguments, image_token_id
+from flexvlm.architectures.qwen2_vl.encoder import QwenEncoder
 from flexvlm.architectures.qwen2_vl.positions import image_positions, mrope_cos_sin, rope_index
 from flexvlm.architectures.qwen2_vl.preprocess import (
-    QwenImage, QwenVLProcessing, batch_images, expand_prompt, image_prompt, num_image_tokens, preprocess_image,
-    prompt_ids, smart_resize,
+    PackedImages, QwenImage, QwenImageBatch, QwenVLProcessing, batch_images, batch_samples, expand_prompt,
+    image_prompt, num_image_tokens, preprocess_image, prompt_ids, reduced_processing, smart_resize,
 )
+from flexvlm.architectures.qwen2_vl.settings import MODEL_TYPES, recognises, text_config
+from flexvlm.architectures.qwen2_vl.weights import QwenVLWeights, load_qwen_vl
 from flexvlm.architectures.qwen2_vl.vision import (
     QwenVisionTower, VisionSettings, load_vision_tower, patch_positions, vision_state, window_order,
 )
 
 __all__ = [
-    "QwenImage", "QwenVLProcessing", "QwenVisionTower", "VisionSettings", "batch_images", "expand_prompt",
-    "image_positions", "image_prompt", "load_vision_tower", "mrope_cos_sin", "num_image_tokens", "patch_positions",
-    "preprocess_image", "prompt_ids", "rope_index", "smart_resize", "vision_state", "window_order",
+    "MODEL_TYPES", "PackedImages", "QwenEncoder", "QwenImage", "QwenImageBatch", "QwenVLProcessing", "QwenVLWeights",
+    "QwenVisionTower", "VisionSettings", "arguments", "batch_images", "batch_samples", "expand_prompt",
+    "flexvlm_input_ids", "image_positions", "image_prompt", "image_token_id", "load_qwen_vl", "load_vision_tower",
+    "mrope_cos_sin", "num_image_tokens", "patch_positions", "preprocess_image", "prompt_ids", "recognises",
+    "reduced_processing", "rope_index", "smart_resize", "text_config", "vision_state", "window_order",
 ]

@@ -10,7 +10,8 @@ its number of tokens, is what a later token's position (its index in the sample)
 
 The rotary frequencies are the decoder's ordinary ones (head_dim / 2 of them); ``mrope_section`` (t, h, w)
 splits them into three runs, the first turning with the temporal position, the next with the height, the last
-with the width. Only the cos / sin tables change: the rotation of q and k is the usual rotate-half one
+with the width (``mrope_cos_sin``, the Qwen2 family's, which its decoder uses when its config has an
+``mrope_section``). Only the cos / sin tables change: the rotation of q and k is the usual rotate-half one
 (``flexvlm.models.decoder.apply_rope``).
 """
 
@@ -22,8 +23,10 @@ import torch
 from torch import Tensor
 
 from flexvlm.architectures.qwen2_vl.preprocess import Grid, num_image_tokens
+from flexvlm.models.geometry import VisualLayout
+from flexvlm.models.qwen2 import mrope_cos_sin  # the decoder's tables, defined with the Qwen2 family
 
-__all__ = ["image_positions", "mrope_cos_sin", "rope_index"]
+__all__ = ["high_res_positions", "image_positions", "mrope_cos_sin", "rope_index"]
 
 
 def image_positions(grid: Grid, merge_size: int, start: int) -> Tensor:
@@ -79,20 +82,22 @@ def rope_index(image_mask: Tensor, image_grid_thw: Tensor | Sequence[Grid], merg
     return position_ids.to(device), torch.tensor(deltas, dtype=torch.long, device=device)[:, None]
 
 
-def mrope_cos_sin(position_ids: Tensor, inv_freq: Tensor, mrope_section: Sequence[int],
-                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """cos / sin (B, L, head_dim) of (3, B, L) positions ((B, L) ones: the same position on the three axes), for
-    the decoder's ``inv_freq`` (head_dim / 2,) split by ``mrope_section``: its i-th run of frequencies turns with
-    axis i % 3 (temporal, height, width); computed in float32, as transformers does."""
-    section = [int(s) for s in mrope_section]
-    if sum(section) != inv_freq.numel():
-        raise ValueError(f"mrope_section {section} sums to {sum(section)}, not to the {inv_freq.numel()} rotary "
-                         f"frequencies (head_dim / 2)")
-    if position_ids.ndim == 2:
-        position_ids = position_ids.expand(3, -1, -1)
-    if position_ids.ndim != 3 or position_ids.shape[0] != 3:
-        raise ValueError(f"position_ids {tuple(position_ids.shape)}: expected (3, B, L) or (B, L)")
-    freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (3, B, L, head_dim / 2)
-    angles = torch.cat([run[i % 3] for i, run in enumerate(freqs.split(section, dim=-1))], dim=-1)
-    angles = torch.cat([angles, angles], dim=-1)  # the rotate-half layout
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def high_res_positions(lr_positions: Tensor, layout: VisualLayout) -> Tensor:
+    """(3, B, H * W) float32: the multimodal positions of the high-res keys on the layout's canvas, from
+    ``lr_positions`` (3, B, h * w), those of the low-res image's tokens in the sequence (row-major on the layout's
+    (h, w) grid). High-res token (i, j) of a sample's (H_b, W_b) grid falls in the low-res cell (a, c) =
+    (floor(i h / H_b), floor(j w / W_b)) (``layout.hr_cell``, the even mapping); it takes that cell's (t, h, w)
+    positions with the row and column scaled to the high-res grid: (t, r + i h / H_b - a, q + j w / W_b - c) for
+    the cell's (t, r, q), i.e. the image's first row and column positions plus i h / H_b and j w / W_b. The
+    integer part of a key's row and column is its cell's, and a grid as large as the low-res one gets the low-res
+    positions themselves. 0 off a sample's grid."""
+    (height, width), (h, w) = layout.hr_shape, layout.lr_shape
+    cells = layout.hr_cell.flatten(1)  # (B, H * W)
+    device = lr_positions.device
+    cell_positions = lr_positions.float().gather(2, cells.clamp(min=0)[None].expand(3, -1, -1).to(device))
+    sizes = layout.hr_sizes.to(device).float()
+    rows = torch.arange(height, device=device)[None, :, None] * h / sizes[:, 0, None, None].clamp(min=1)
+    cols = torch.arange(width, device=device)[None, None, :] * w / sizes[:, 1, None, None].clamp(min=1)
+    fraction = torch.stack([torch.zeros_like(rows * cols), (rows - rows.floor()).expand(-1, -1, width),
+                            (cols - cols.floor()).expand(-1, height, -1)]).flatten(2)  # (3, B, H * W)
+    return (cell_positions + fraction).masked_fill((cells < 0)[None].to(device), 0.0)

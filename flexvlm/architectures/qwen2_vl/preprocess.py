@@ -15,7 +15,7 @@ consecutive, the blocks row-major. An image of H x W px gives (t, h, w) = (1, H 
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tokenizers
@@ -28,8 +28,9 @@ from flexvlm.architectures.smolvlm.preprocess import RESAMPLE_MODES, ImageLike, 
 from flexvlm.data.image import CLIP_MEAN, CLIP_STD
 
 __all__ = [
-    "Grid", "MAX_ASPECT_RATIO", "QwenImage", "QwenVLProcessing", "batch_images", "expand_prompt", "image_prompt",
-    "num_image_tokens", "preprocess_image", "prompt_ids", "smart_resize",
+    "Grid", "MAX_ASPECT_RATIO", "PackedImages", "QwenImage", "QwenImageBatch", "QwenVLProcessing", "batch_images",
+    "batch_samples", "expand_prompt", "image_prompt", "num_image_tokens", "preprocess_image", "prompt_ids",
+    "reduced_processing", "smart_resize",
 ]
 
 Grid = tuple[int, int, int]  # (t, h, w): frames (of temporal patches), rows and columns of patches
@@ -184,6 +185,59 @@ def batch_images(images: Sequence[QwenImage]) -> tuple[Tensor, Tensor]:
         raise ValueError("batch_images: no image")
     return (torch.cat([image.pixel_values for image in images]),
             torch.tensor([image.grid for image in images], dtype=torch.long))
+
+
+def reduced_processing(processing: QwenVLProcessing, zoom: int) -> QwenVLProcessing:
+    """The settings of the reduced resolution, FlexVLM's low-res view: the pixel budget divided by zoom^2
+    (max_pixels // zoom^2, never under min_pixels), everything else the processor's. An image over the reduced
+    budget comes out about zoom times smaller a side than at the native budget; one under it is the same at both.
+    Through these settings transformers' own processor gives the same pixels, so the reduced image is the original
+    model's input at a smaller max_pixels."""
+    if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
+        raise ValueError(f"zoom must be an int >= 1, got {zoom!r}")
+    return replace(processing, max_pixels=max(processing.max_pixels // zoom ** 2, processing.min_pixels))
+
+
+@dataclass(frozen=True)
+class PackedImages:
+    """A batch's images at one resolution as the tower takes them (``batch_images``)."""
+
+    pixel_values: Tensor  # (sum of t * h * w, C * T * p * p), image after image, sample after sample
+    grid_thw: Tensor  # (n, 3) int64
+
+
+@dataclass(frozen=True)
+class QwenImageBatch:
+    """A batch's images at their native resolution (``hd``'s, the processor's settings) and at the reduced one
+    (``reduced_processing``: the low-res view of ``lr_only``), and how many images each sample holds, in order."""
+
+    native: PackedImages
+    reduced: PackedImages
+    images_per_sample: tuple[int, ...]
+
+    def at(self, mode: str) -> PackedImages:
+        """The images a mode puts in the sequence: ``hd`` the native ones, the others the reduced ones."""
+        return self.native if mode == "hd" else self.reduced
+
+    def grids(self, mode: str) -> list[list[Grid]]:
+        """Each sample's image grids at the mode's resolution (what its prompt expands, ``prompt_ids``)."""
+        flat = [tuple(g) for g in self.at(mode).grid_thw.tolist()]
+        bounds = [0]
+        for count in self.images_per_sample:
+            bounds.append(bounds[-1] + count)
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def batch_samples(samples: Sequence[Sequence[ImageLike]], processing: QwenVLProcessing, zoom: int) -> QwenImageBatch:
+    """Each sample's images (any number, in its prompt's order) preprocessed at both resolutions."""
+    images = [image for sample in samples for image in sample]
+    if not images:
+        raise ValueError("batch_samples: the batch holds no image")
+    reduced = reduced_processing(processing, zoom)
+    native_pixels, native_grids = batch_images([preprocess_image(image, processing) for image in images])
+    reduced_pixels, reduced_grids = batch_images([preprocess_image(image, reduced) for image in images])
+    return QwenImageBatch(PackedImages(native_pixels, native_grids), PackedImages(reduced_pixels, reduced_grids),
+                          tuple(len(sample) for sample in samples))
 
 
 def image_prompt(grid: Grid, processing: QwenVLProcessing) -> str:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from flexvlm.architectures.ids import config_of_types, image_token_id_of
 from flexvlm.architectures.smolvlm.connector import Connector
 from flexvlm.architectures.smolvlm.encoder import TiledEncoder
 from flexvlm.architectures.smolvlm.preprocess import SmolVLMProcessing
@@ -17,7 +18,7 @@ from flexvlm.architectures.smolvlm.weights import (
 )
 from flexvlm.models.families import decoder_config_from_hf
 from flexvlm.models.siglip import siglip_tower
-from flexvlm.weights import raise_mismatches, read_model_config
+from flexvlm.weights import raise_mismatches
 
 __all__ = ["MODEL_TYPES", "arguments", "image_token_id", "recognises"]
 
@@ -30,17 +31,12 @@ def recognises(config: dict) -> bool:
 
 
 def _config(folder: Path) -> dict:
-    config = read_model_config(folder)
-    if not recognises(config):
-        raise ValueError(f"{folder}: config.json model_type {config.get('model_type')!r} is not one of "
-                         f"{', '.join(MODEL_TYPES)}")
-    return config
+    return config_of_types(folder, MODEL_TYPES)
 
 
 def image_token_id(folder: str | Path) -> int:
-    """The id of ``<image>`` that the model's prompts hold (config.json ``image_token_id``), which
-    ``flexvlm_input_ids`` turns into FlexVLM's placeholder."""
-    return _config(Path(folder)).get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)
+    """The id of ``<image>`` that the model's prompts hold (``image_token_id_of``)."""
+    return image_token_id_of(folder, MODEL_TYPES, DEFAULT_IMAGE_TOKEN_ID)
 
 
 def _saved_processing(folder: Path) -> SmolVLMProcessing | None:

@@ -22,16 +22,14 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from flexvlm.architectures.smolvlm.connector import pixel_shuffle
 from flexvlm.architectures.smolvlm.images import SmolVLMImages
 from flexvlm.architectures.smolvlm.preprocess import ImageBatch, ImageLayout, SmolVLMProcessing
-from flexvlm.constants import IMAGE_TOKEN_INDEX
 from flexvlm.models.encoder import EncodedImages, VisualEncoder
-from flexvlm.models.geometry import Shape, VisualLayout, uniform_cells
+from flexvlm.models.geometry import Shape, VisualLayout, on_canvas, uniform_cells
 from flexvlm.models.vision import VisionBackbone
 
 __all__ = ["TiledEncoder", "stitch_tiles"]
@@ -48,12 +46,6 @@ def stitch_tiles(tiles: Tensor, rows: int, cols: int) -> Tensor:
     if count != rows * cols or n * n != seq:
         raise ValueError(f"{count} tiles of {seq} tokens do not make a {rows} x {cols} grid of square tiles")
     return tiles.reshape(rows, cols, n, n, dim).permute(0, 2, 1, 3, 4).reshape(rows * n, cols * n, dim)
-
-
-def _on_canvas(grids: list[Tensor], canvas: Shape) -> Tensor:
-    """Each sample's (h_b, w_b, D) grid at the top left of an (H, W) canvas of zeros -> (B, H * W, D)."""
-    height, width = canvas
-    return torch.stack([F.pad(g, (0, 0, 0, width - g.shape[1], 0, height - g.shape[0])) for g in grids]).flatten(1, 2)
 
 
 class TiledEncoder(VisualEncoder):
@@ -153,7 +145,7 @@ class TiledEncoder(VisualEncoder):
         batch = len(layouts)
         layout = VisualLayout((n, n), sizes, cells, torch.ones(batch, n, n, dtype=torch.bool, device=like.device),
                               cells >= 0)
-        return _on_canvas(grids, canvas), layout
+        return on_canvas(grids, canvas), layout
 
     def _views(self, images: ImageBatch, mode: str) -> list[list[int]]:
         """Per sample, the indices of the views the mode encodes: every real view (``hd``, and ``xattn`` /
