@@ -95,6 +95,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
 
 
+@pytest.mark.slow  # the default run trains two DDP processes in test_empty_init (meta-device build, init_from)
 def test_ddp_with_two_cpu_processes(tmp_path):
     command = [sys.executable, "-m", "flexvlm", "fit", "--config", BASE, *_small(tmp_path),
                "--trainer.max_steps", "3", "--trainer.strategy", "ddp", "--trainer.devices", "2",
