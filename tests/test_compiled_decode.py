@@ -35,9 +35,9 @@ def _prompts():
     return ids, mask, torch.randn(3, 3, 96, 96)
 
 
-def _compiled_equals_uncompiled(model, device="cpu", tolerance=1e-5):
+def _compiled_equals_uncompiled(model, device="cpu", tolerance=1e-5, batch=3):
     model = model.to(device)
-    ids, mask, images = (t.to(device) for t in _prompts())
+    ids, mask, images = (t[:batch].to(device) for t in _prompts())
     reference = list(generation_steps(model, ids, mask, images, max_new_tokens=NEW_TOKENS))
     # the first compile is no recompile: any later one (a shape or guard that changed) raises
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -61,6 +61,12 @@ def _compiled_equals_uncompiled(model, device="cpu", tolerance=1e-5):
 
 def test_compiled_flex_step_with_top_k_equals_uncompiled():
     _compiled_equals_uncompiled(_model("flex", AttentionSelection(top_k=3)))
+
+
+@pytest.mark.slow
+def test_compiled_flex_step_of_one_prompt_equals_uncompiled():
+    """Batch 1: the previous token is a column of one, whose stride contiguous() would leave changing."""
+    _compiled_equals_uncompiled(_model("flex", AttentionSelection(top_k=3)), batch=1)
 
 
 @pytest.mark.cuda

@@ -106,6 +106,9 @@ class StaticDecoding:
         extended = F.pad(mask, (0, 1), value=1)  # the first generated token's position: the model's own rule
         self.position_ids = (inputs.positions.of_chunk(model.llm, extended, 1, n) if inputs.positions is not None
                              else model.llm.position_ids(extended, b, 1, n, mask.device)).clone()
+        # the previous tokens, copied in at each step: one address, shape and stride for every step (a column
+        # of the generated ids has a stride that changes at every step, which would recompile)
+        self.token = torch.zeros(b, dtype=torch.long, device=mask.device)
         self.high_res = inputs.high_res
         if self.high_res is not None and self.high_res.selector is not None:
             self.high_res = replace(self.high_res, selector=self.high_res.selector.with_fixed_width())
@@ -124,8 +127,8 @@ class StaticDecoding:
             self._mark_static()
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        # contiguous: a column of the generated ids has a stride that changes at every step (a recompile)
-        logits, record = self._step(self.model, self, token.contiguous())
+        self.token.copy_(token)
+        logits, record = self._step(self.model, self, self.token)
         if self._cuda_graphs:  # a graph's outputs are overwritten by its next replay: the step keeps copies
             logits = logits.clone()
             if record is not None:
@@ -136,7 +139,7 @@ class StaticDecoding:
     def _mark_static(self) -> None:
         """The buffers that every step reads or writes in place keep their addresses: for CUDA graphs, no
         copy of them per step (no guard on the address: another generation's buffers reuse the graph)."""
-        tensors = [self.position, self.position_ids, self.key_valid, *self.cache.buffers()]
+        tensors = [self.token, self.position, self.position_ids, self.key_valid, *self.cache.buffers()]
         if self.high_res is not None:
             tensors += self.high_res.kv.buffers()
         for t in tensors:
