@@ -143,3 +143,16 @@ def test_attention_backends_give_the_same_logits_and_tokens(mode, backend):
     assert tokens[backend] == tokens["sdpa"]
     for layer in models[backend].llm.layers:  # a FlexAttention layer's own attention (the family's) has it
         assert getattr(layer.self_attn, "attention", layer.self_attn).backend is models[backend].attn_backend
+
+
+@pytest.mark.parametrize("mode", ["xattn", "flex"])
+def test_inference_merging_the_high_res_call_equals_the_one_call_of_training(mode):
+    """Without autograd the HR keys get a fused call of their own, merged in through the lse's; with
+    autograd they are attended together with the sequence keys in one call: the same logits."""
+    model = _model(mode)
+    ids, mask, images = _prompts()
+    with torch.no_grad():
+        merged = model(ids, mask, images).logits
+    with torch.enable_grad():
+        one_call = model(ids, mask, images).logits
+    torch.testing.assert_close(merged, one_call.detach(), atol=1e-5, rtol=1e-5)

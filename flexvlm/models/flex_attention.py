@@ -608,11 +608,18 @@ def cross_attention(
     flex: FlexAttention, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, rows: SelectingRows,
     kv: HighResKVCache,
 ) -> Tensor:
-    """Self-attention in which every row (``rows``: all of them) also attends to every HR token
-    (the XAttn baseline), in one fused call."""
+    """Self-attention in which every row (``rows``: all of them) also attends to every HR token (the XAttn
+    baseline): in one fused call under autograd; without it, as ``fused_attention``'s inference, the
+    sequence and the HR keys in a call each, merged through their lse's, so that a decoding step does
+    not copy the cache and every HR key into one tensor."""
     attn = flex.attention
     q, k, v = attn.qkv(x, inputs, cache)
-    return attn.output(_attend(attn, q, k, v, rows.visible, kv.keys_values(flex, kv.every_token())))
+    every = kv.keys_values(flex, kv.every_token())
+    if not torch.is_grad_enabled():
+        plain, lse = _sequence_attention(attn, q, k, v, inputs, with_lse=True)
+        if lse is not None:
+            return attn.output(_merged_with_high_res(attn, q, plain, lse, every))
+    return attn.output(_attend(attn, q, k, v, rows.visible, every))
 
 
 def mapped_layer(
