@@ -277,6 +277,9 @@ def goals(result: dict) -> list[tuple[str, float, float, bool]]:
         step, gen = d["decode_step_s"], d["generation_curve_s"]
         check("decode step, selection staying put (center): flex / lr_only", step["flex_center/lazy"] / step["lr_only/lazy"], 1.15)
         check("decode step, wandering selection (attention): flex / lr_only", step["flex/lazy"] / step["lr_only/lazy"], 1.5)
+        if "flex/compiled" in step:  # the compiled step of static shapes (--compile), attention selection
+            check("decode step, compiled, wandering selection (attention): flex / lr_only",
+                  step["flex/compiled"] / step["lr_only/lazy"], 1.15)
         check("decoder prefill: flex / xattn", d["prefill_s"]["flex"] / d["prefill_s"]["xattn"], 0.35)
         check("generation of 8 tokens: flex (lazy K/V) / xattn", gen["flex/lazy"][7] / gen["xattn/lazy"][7], 0.45)
         worst = max(gen["flex/lazy"][t] / gen["xattn/lazy"][t] for t in range(LENGTHS[-1]))
