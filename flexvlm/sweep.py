@@ -283,6 +283,18 @@ def build_quietly(cli_args: list[str], cli_class: type[FlexVLMCLI] = FlexVLMCLI)
         return build(cli_class, cli_args, run=False)
 
 
+def trained_on_validation(checkpoint: Path, cli_args: list[str], num: int) -> tuple[Any, dict]:
+    """The LightningCLI of a run's configs (``cli_args``) with the checkpoint's weights, nothing run, and
+    a batch of the first ``num`` validation questions: what the scripts that look inside a trained model
+    start from (``scripts/grounding_hits.py``, ``scripts/selection_union.py``)."""
+    cli = build_quietly([*cli_args, "--trainer.logger", "false", "--data.init_args.num_val", str(num),
+                         "--data.init_args.eval_batch_size", str(num)])
+    cli.model.load_state_dict(read_run_checkpoint(checkpoint)["state_dict"])
+    cli.model.eval()
+    cli.datamodule.setup("fit")
+    return cli, next(iter(cli.datamodule.val_dataloader()))
+
+
 def trained_cost(cli: Any, checkpoint: Path) -> dict:
     """What a trained run costs: the FLOPs of a whole greedy generation per sample on the first test
     batch, with the checkpoint's weights (attention selection depends on them), and its measured time

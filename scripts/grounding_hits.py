@@ -14,15 +14,13 @@ The arguments after the checkpoint are the CLI's: the configs (and overrides) th
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from flexvlm.cli import main as cli_main
 from flexvlm.constants import IGNORE_INDEX
-from flexvlm.run_files import read_run_checkpoint
+from flexvlm.sweep import trained_on_validation
 
 
 def main() -> None:
@@ -30,14 +28,8 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path, help="a trained run's checkpoint")
     parser.add_argument("--num", type=int, default=200, help="validation questions to look at")
     args, overrides = parser.parse_known_args()
-    with warnings.catch_warnings():  # LightningCLI warns that this script has its own argv
-        warnings.simplefilter("ignore")
-        cli = cli_main([*overrides, "--trainer.logger", "false", "--data.init_args.num_val", str(args.num),
-                        "--data.init_args.eval_batch_size", str(args.num)], run=False)
-    cli.model.load_state_dict(read_run_checkpoint(args.checkpoint)["state_dict"])
-    model, aux = cli.model.model.eval(), cli.model.aux_objective
-    cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.val_dataloader()))
+    cli, batch = trained_on_validation(args.checkpoint, overrides, args.num)
+    model, aux = cli.model.model, cli.model.aux_objective
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch.get("content_box"),
                     labels=batch["labels"], map_grad=True)

@@ -13,13 +13,11 @@ The arguments after the checkpoint are the CLI's: the configs (and overrides) th
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import torch
 
-from flexvlm.cli import main as cli_main
-from flexvlm.run_files import read_run_checkpoint
+from flexvlm.sweep import trained_on_validation
 
 
 def main() -> None:
@@ -27,15 +25,8 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path, help="a trained run's checkpoint")
     parser.add_argument("--num", type=int, default=200, help="validation questions to look at")
     args, overrides = parser.parse_known_args()
-    with warnings.catch_warnings():  # LightningCLI warns that this script has its own argv
-        warnings.simplefilter("ignore")
-        cli = cli_main([*overrides, "--trainer.logger", "false", "--data.init_args.num_val", str(args.num),
-                        "--data.init_args.eval_batch_size", str(args.num)],
-                       run=False)
-    cli.model.load_state_dict(read_run_checkpoint(args.checkpoint)["state_dict"])
-    model = cli.model.model.eval()
-    cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.val_dataloader()))
+    cli, batch = trained_on_validation(args.checkpoint, overrides, args.num)
+    model = cli.model.model
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch.get("content_box"),
                     labels=batch["labels"])
