@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torchvision.transforms import InterpolationMode
+from test_smolvlm_preprocess import _noise, _rng  # the same noise, the hardest content for a resampling filter
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -44,16 +45,6 @@ CONFIGS = {
     "qwen2.5-vl": (Qwen2_5_VLProcessor, 784 * 4, 784 * 40, 3),
     "qwen2-vl-bilinear-wide-budget": (Qwen2VLProcessor, 784 * 8, 784 * 120, 2),
 }
-
-_rng = np.random.default_rng(0)
-
-
-def _noise(width: int, height: int, mode: str = "RGB") -> Image.Image:
-    """Noise, the hardest content for a resampling filter to agree on."""
-    channels = {"RGB": 3, "RGBA": 4}.get(mode)
-    shape = (height, width, channels) if channels else (height, width)
-    return Image.fromarray(_rng.integers(0, 256, shape, dtype=np.uint8), mode)
-
 
 IMAGES = {
     "tiny-upscaled": _noise(12, 10),
